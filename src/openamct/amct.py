@@ -1,0 +1,107 @@
+"""AMCT-compatible calls (spec 2.1): create_quant_config, quantize_model, save_model.
+
+`import openamct as amct` runs an AMCT calibration script unchanged. These calls are a thin file-based layer on
+the native API in api.py.
+"""
+import os
+import weakref
+
+import torch
+
+from . import log
+from .api import default_config, prepare, convert, quant_layers, records, is_calibrated
+from .config import config_from_cfg, load_json
+from .export import build_quantized, export_fused, read_fused
+from .fileio import write_bytes, write_text
+from .graph import inspect_model
+from .parity import check
+from .record import read_record, write_record
+
+# calibration models by fused-model path, so save_model can check parity against the PyTorch simulation
+_CALIBRATIONS = weakref.WeakValueDictionary()
+
+
+def create_quant_config(config_file, model, input_data, skip_layers=None, batch_num=1, activation_offset=True,
+                        config_defination=None):
+    """Write the per-layer JSON config for `model`; with `config_defination` (a .cfg) the other options come from it."""
+    if config_defination:
+        info = inspect_model(model, input_data)
+        config = config_from_cfg(config_defination, info.layers)
+    else:
+        config = default_config(model, input_data, skip_layers=tuple(skip_layers or ()), batch_num=batch_num,
+                                activation_offset=activation_offset)
+    config.save(config_file)
+    log.info(f"Create quant config file {os.path.realpath(config_file)} success.", "Config")
+
+
+def _capture_sample(module, args):
+    """Keep the first calibration batch (at most 16 samples, on CPU) for the export parity check."""
+    if getattr(module, "openamct_sample", None) is None:
+        module.openamct_sample = tuple(a[:16].detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _finish_when_done(record_file, batch_num):
+    def hook(module, args, output):
+        if not is_calibrated(module) and all(
+                layer.input_quantizer.batches_seen >= batch_num for layer in quant_layers(module).values()):
+            convert(module)
+            write_record(record_file, records(module))
+            log.info(f"Calibration finished; record written to {os.path.realpath(record_file)}", "Calibration")
+    return hook
+
+
+def quantize_model(config_file, modified_onnx_file, record_file, model, input_data, input_names=None,
+                   output_names=None, dynamic_axes=None):
+    """The calibration model. Run `batch_num` batches through it; the record is written after the last one."""
+    info = inspect_model(model, input_data)
+    config = load_json(config_file, known_layers=info.layers)
+    qmodel = prepare(model, config, input_data)
+    export_fused(qmodel, modified_onnx_file, input_data, input_names, output_names, dynamic_axes)
+    write_text(record_file, "")
+    qmodel.register_forward_pre_hook(_capture_sample)
+    qmodel.register_forward_hook(_finish_when_done(record_file, config.batch_num))
+    _CALIBRATIONS[os.path.realpath(modified_onnx_file)] = qmodel
+    return qmodel
+
+
+def save_quantized(fused_path, record_file, save_path, qmodel=None, input_data=None) -> dict:
+    """Write the deploy and fake-quant models and check their parity (with `qmodel` when given)."""
+    records_ = read_record(record_file)
+    _, mapping = read_fused(fused_path)
+    if not records_:
+        raise RuntimeError(f"save_model: record file {record_file} is empty: calibration has not finished "
+                           f"(run batch_num batches through the model returned by quantize_model first)")
+    missing = sorted(set(mapping) - set(records_))
+    if missing:
+        raise RuntimeError(f"save_model: record file {record_file} has no entry for layers {missing}")
+    directory, prefix = os.path.split(save_path)
+    stem = f"{prefix}_" if prefix else ""
+    paths = {kind: os.path.join(directory or ".", f"{stem}{kind}_model.onnx") for kind in ("deploy", "fake_quant")}
+    models = {kind: build_quantized(fused_path, records_, deploy=kind == "deploy") for kind in paths}
+    for kind, path in paths.items():
+        write_bytes(path, models[kind].SerializeToString())
+        log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
+    report = {"paths": paths, "parity": None}
+    if qmodel is not None:
+        sample = getattr(qmodel, "openamct_sample", None) or (
+            input_data if isinstance(input_data, tuple) else (input_data,))
+        report["parity"] = check(models, mapping, qmodel, sample)
+        for kind, result in report["parity"].items():
+            message = (f"Parity of {kind} model with the PyTorch simulation: max abs diff "
+                       f"{result['max_abs_diff']:.4g} (relative {result['relative_diff']:.3g})")
+            if "top1_agreement" in result:
+                message += f", top-1 agreement {100 * result['top1_agreement']:.1f}%"
+            if result["ok"]:
+                log.info(message, "Parity")
+            else:
+                log.warning(message + f"; first divergent layer: {result['first_divergent_layer']}", "Parity")
+    return report
+
+
+def save_model(modified_onnx_file, record_file, save_path):
+    """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` from the fused model + record."""
+    qmodel = _CALIBRATIONS.get(os.path.realpath(modified_onnx_file))
+    return save_quantized(modified_onnx_file, record_file, save_path, qmodel)
+
+
+__all__ = ["create_quant_config", "quantize_model", "save_model"]

@@ -1,0 +1,122 @@
+"""Native API: `quantize()` for the common case; `prepare` / `calibrate` / `convert` / `export` underneath.
+
+    qmodel = openamct.quantize(model, openamct.default_config(model, x), lambda m: [m(b) for b in batches], x)
+    openamct.export(qmodel, "out/model", x)   # out/model_deploy_model.onnx, out/model_fake_quant_model.onnx
+
+`prepare` returns a copy (the user's model is never changed): BN folded into convs, each quantizable layer wrapped
+in a QuantLayer whose observers collect statistics on each forward. `convert` computes the quantization
+parameters and turns the copy into the fake-quant simulation of the deployed INT8 model.
+"""
+import copy
+import os
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import log
+from .config import LayerConfig, QuantConfig, check_names
+from .graph import inspect_model, fold_bn, set_module, weight_axis
+from .modules import QuantLayer
+
+
+def default_config(model: nn.Module, input_data, *, skip_layers=(), batch_num: int = 1,
+                   activation_offset: bool = True) -> QuantConfig:
+    """W8A8: per-channel ARQ weights, IFMR activations, every quantizable layer except `skip_layers`."""
+    info = inspect_model(model, input_data)
+    check_names(skip_layers, info.layers, "skip_layers entry")
+    layers = {name: LayerConfig(quant_enable=name not in skip_layers) for name in info.layers}
+    return QuantConfig(layers=layers, batch_num=batch_num, activation_offset=activation_offset)
+
+
+def quant_layers(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def prepare(model: nn.Module, config: QuantConfig, input_data) -> nn.Module:
+    """A calibration copy of `model`: BN folded, QuantLayers in place. Logs what is and is not quantized."""
+    info = inspect_model(model, input_data, config.skip_fusion_layers, config.do_fusion)
+    check_names(config.layers, info.layers, "layer")
+    check_names(config.skip_fusion_layers, info.layers, "skip_fusion_layers entry")
+    qmodel = copy.deepcopy(model).eval()
+    for conv_name, bn_name in info.bn_pairs.items():
+        if fold_bn(qmodel.get_submodule(conv_name), qmodel.get_submodule(bn_name)):
+            set_module(qmodel, bn_name, nn.Identity())
+            log.info(f"Fuse '{bn_name}' into '{conv_name}'.", "ConvBnFusion")
+        else:
+            log.warning(f"'{bn_name}' not fused into '{conv_name}': the result would not be finite.", "ConvBnFusion")
+    for bn_name, reason in info.bn_not_folded.items():
+        log.info(f"'{bn_name}' not fused: {reason}.", "ConvBnFusion")
+    for name in config.enabled():
+        layer = qmodel.get_submodule(name)
+        wrapped = QuantLayer(layer, config.layers[name], config.asymmetric(name), config.batch_num,
+                             info.input_bounds.get(name), name, weight_axis(layer))
+        set_module(qmodel, name, wrapped)
+    _log_coverage(config, info)
+    return qmodel
+
+
+def _log_coverage(config: QuantConfig, info) -> None:
+    enabled = config.enabled()
+    total = len(info.layers) + len(info.skipped)
+    log.info(f"Quantize {len(enabled)} of {total} layers with weights.", "Coverage")
+    for name, types in info.layers.items():
+        state = "quantized" if name in enabled else "skipped by config"
+        log.info(f"  {name} ({types[0]}): {state}", "Coverage")
+    for name, reason in info.skipped.items():
+        log.warning(f"  {name}: not quantized: {reason}", "Coverage")
+
+
+def calibrate(qmodel: nn.Module, calibrate_fn) -> nn.Module:
+    """Run the user's `calibrate_fn(qmodel)` (its own batches) without gradients, then `convert`."""
+    with torch.no_grad():
+        calibrate_fn(qmodel)
+    return convert(qmodel)
+
+
+def convert(qmodel: nn.Module) -> nn.Module:
+    """Compute every layer's quantization parameters from the statistics; the model becomes the simulation."""
+    layers = quant_layers(qmodel)
+    for name, layer in tqdm(layers.items(), desc="calibrating layers", unit="layer", leave=False,
+                            disable=len(layers) < 8):
+        quantizer = layer.input_quantizer
+        if not quantizer.calibrated:
+            log.info(f"Use {quantizer.batches_seen} batch to do layer {name} data calibration.", "IFMR"
+                     if quantizer.params.act_algo == "ifmr" else "HFMG")
+            quantizer.finish()
+    return qmodel
+
+
+def is_calibrated(qmodel: nn.Module) -> bool:
+    layers = quant_layers(qmodel).values()
+    return bool(layers) and all(layer.input_quantizer.calibrated for layer in layers)
+
+
+def records(qmodel: nn.Module) -> dict:
+    return {name: layer.record() for name, layer in quant_layers(qmodel).items()}
+
+
+def quantize(model: nn.Module, config: QuantConfig, calibrate_fn, input_data) -> nn.Module:
+    """prepare + calibrate: the calibrated simulation model (a copy; `model` is left as it was)."""
+    return calibrate(prepare(model, config, input_data), calibrate_fn)
+
+
+def export(qmodel: nn.Module, save_path: str, input_data, *, input_names=None, output_names=None,
+           dynamic_axes=None, check: bool = True) -> dict:
+    """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` (plus the fused model and
+    record under `<dir>/tmp/`) and check their parity with `qmodel`; returns the paths and the parity report."""
+    from .amct import save_quantized  # the AMCT layer owns the file flow; the native call reuses it
+    from .export import export_fused
+    from .record import write_record
+
+    if not is_calibrated(qmodel):
+        raise RuntimeError("export: the model is not calibrated; run calibrate()/convert() first")
+    directory = os.path.dirname(os.path.abspath(save_path))
+    fused = os.path.join(directory, "tmp", "modified_model.onnx")
+    record = os.path.join(directory, "tmp", "record.txt")
+    export_fused(qmodel, fused, input_data, input_names, output_names, dynamic_axes)
+    write_record(record, records(qmodel))
+    return save_quantized(fused, record, save_path, qmodel if check else None, input_data)
+
+
+__all__ = ["default_config", "prepare", "calibrate", "convert", "quantize", "export", "records", "is_calibrated"]

@@ -1,0 +1,262 @@
+"""Quantization configs: typed, validated, and their two file forms.
+
+- per-layer JSON (AMCT's `config.json`, spec 3.1): written by `create_quant_config`, read by `quantize_model`;
+- simple config `.cfg` (protobuf text format of `proto/calibration_config_pytorch.proto`, spec 3.3), priority
+  layer > type > common.
+Errors name the file, the line and the field at fault.
+"""
+import dataclasses
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+
+from google.protobuf import text_format
+
+from .fileio import write_text
+from .proto import calibration_config_pytorch_pb2 as calib_pb2
+
+ACT_ALGOS = ("ifmr", "hfmg")
+WTS_ALGOS = ("arq_quantize",)
+HFMG_BINS = (1024, 2048, 4096, 8192)
+
+
+class ConfigError(ValueError):
+    """A config file or argument that cannot be used; the message says where."""
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"field '{name}': got {value!r}, expected {expected}")
+
+
+@dataclass(frozen=True)
+class ActQuantParams:
+    num_bits: int = 8
+    act_algo: str = "ifmr"
+    asymmetric: bool | None = None  # None: the global activation_offset decides
+    max_percentile: float = 0.999999
+    min_percentile: float = 0.999999
+    search_range: tuple[float, float] = (0.7, 1.3)
+    search_step: float = 0.01
+    num_of_bins: int = 4096
+
+    def __post_init__(self):
+        _check(self.num_bits in (8,), "activation_quant_params.num_bits", self.num_bits, "8")
+        _check(self.act_algo in ACT_ALGOS, "activation_quant_params.act_algo", self.act_algo, " or ".join(ACT_ALGOS))
+        for name in ("max_percentile", "min_percentile"):
+            value = getattr(self, name)
+            _check(0.5 < value <= 1.0, f"activation_quant_params.{name}", value, "a value in (0.5, 1]")
+        start, end = self.search_range
+        _check(0 < start < end, "activation_quant_params.search_range", list(self.search_range), "0 < start < end")
+        _check(0 < self.search_step <= end - start, "activation_quant_params.search_step", self.search_step,
+               "0 < step <= end - start")
+        _check(self.num_of_bins in HFMG_BINS, "activation_quant_params.num_of_bins", self.num_of_bins,
+               " or ".join(map(str, HFMG_BINS)))
+
+    def to_json(self) -> dict:
+        out = {"num_bits": self.num_bits, "act_algo": self.act_algo}
+        if self.asymmetric is not None:
+            out["asymmetric"] = self.asymmetric
+        if self.act_algo == "ifmr":
+            out.update(max_percentile=self.max_percentile, min_percentile=self.min_percentile,
+                       search_range=list(self.search_range), search_step=self.search_step)
+        else:
+            out["num_of_bins"] = self.num_of_bins
+        return out
+
+
+@dataclass(frozen=True)
+class WeightQuantParams:
+    num_bits: int = 8
+    wts_algo: str = "arq_quantize"
+    channel_wise: bool = True
+
+    def __post_init__(self):
+        _check(self.num_bits in (4, 6, 7, 8), "weight_quant_params.num_bits", self.num_bits, "4, 6, 7 or 8")
+        _check(self.wts_algo in WTS_ALGOS, "weight_quant_params.wts_algo", self.wts_algo, " or ".join(WTS_ALGOS))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    quant_enable: bool = True
+    activation: ActQuantParams = field(default_factory=ActQuantParams)
+    weight: WeightQuantParams = field(default_factory=WeightQuantParams)
+
+    def to_json(self) -> dict:
+        return {"quant_enable": self.quant_enable, "activation_quant_params": self.activation.to_json(),
+                "weight_quant_params": self.weight.to_json()}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how: global options plus one LayerConfig per quantizable layer name."""
+    layers: dict = field(default_factory=dict)
+    batch_num: int = 1
+    activation_offset: bool = True
+    do_fusion: bool = True
+    skip_fusion_layers: tuple = ()
+    version: int = 1
+
+    def __post_init__(self):
+        _check(isinstance(self.batch_num, int) and self.batch_num > 0, "batch_num", self.batch_num, "an integer > 0")
+
+    def asymmetric(self, name: str) -> bool:
+        act = self.layers[name].activation
+        return self.activation_offset if act.asymmetric is None else act.asymmetric
+
+    def enabled(self) -> list[str]:
+        return [name for name, layer in self.layers.items() if layer.quant_enable]
+
+    def to_json(self) -> dict:
+        out = {"version": self.version, "batch_num": self.batch_num, "activation_offset": self.activation_offset,
+               "do_fusion": self.do_fusion, "skip_fusion_layers": list(self.skip_fusion_layers)}
+        out.update({name: layer.to_json() for name, layer in self.layers.items()})
+        return out
+
+    def save(self, path: str) -> None:
+        write_text(path, json.dumps(self.to_json(), indent=4) + "\n")
+
+
+def check_names(names, known, what: str) -> None:
+    """Raise for names that are not layers of the model, listing near matches."""
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            raise ConfigError(f"{what} '{name}' is not a quantizable layer of the model{hint}")
+
+
+def _line_of(text: str, needle: str) -> int:
+    index = text.find(needle)
+    return text.count("\n", 0, index) + 1 if index >= 0 else 1
+
+
+# ---------------------------------------------------------------- per-layer JSON
+
+_GLOBAL_KEYS = {"version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers",
+                "fakequant_precision_mode"}
+
+
+def _from_json_layer(obj: dict) -> LayerConfig:
+    act = dict(obj.get("activation_quant_params", {}))
+    if "search_range" in act:
+        act["search_range"] = tuple(act["search_range"])
+    return LayerConfig(quant_enable=bool(obj.get("quant_enable", True)), activation=ActQuantParams(**act),
+                       weight=WeightQuantParams(**obj.get("weight_quant_params", {})))
+
+
+def load_json(path: str, known_layers=None) -> QuantConfig:
+    """Read a per-layer JSON config; errors carry `path:line`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        data = json.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    layers = {}
+    for key, value in data.items():
+        if key in _GLOBAL_KEYS:
+            continue
+        try:
+            if not isinstance(value, dict):
+                raise ConfigError(f"layer entry must be an object, got {value!r}")
+            layers[key] = _from_json_layer(value)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{path}:{_line_of(text, json.dumps(key))}: layer '{key}': {e}") from None
+    if known_layers is not None:
+        try:
+            check_names(layers, known_layers, "layer")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    try:
+        return QuantConfig(layers=layers, batch_num=data.get("batch_num", 1),
+                           activation_offset=bool(data.get("activation_offset", True)),
+                           do_fusion=bool(data.get("do_fusion", True)),
+                           skip_fusion_layers=tuple(data.get("skip_fusion_layers", ())),
+                           version=data.get("version", 1))
+    except ConfigError as e:
+        raise ConfigError(f"{path}:{_line_of(text, 'batch_num')}: {e}") from None
+
+
+# ---------------------------------------------------------------- simple config (.cfg)
+
+def _params_from_proto(base: LayerConfig, cfg: calib_pb2.CalibrationConfig) -> LayerConfig:
+    act, wts = base.activation, base.weight
+    if cfg.HasField("arq_quantize"):
+        wts = WeightQuantParams(num_bits=cfg.arq_quantize.quant_bits, channel_wise=cfg.arq_quantize.channel_wise)
+    if cfg.HasField("ifmr_quantize"):
+        m = cfg.ifmr_quantize
+        act = ActQuantParams(act_algo="ifmr", max_percentile=round(m.max_percentile, 9),
+                             min_percentile=round(m.min_percentile, 9),
+                             search_range=(round(m.search_range_start, 6), round(m.search_range_end, 6)),
+                             search_step=round(m.search_step, 6),
+                             asymmetric=m.asymmetric if m.HasField("asymmetric") else None)
+    elif cfg.HasField("hfmg_quantize"):
+        m = cfg.hfmg_quantize
+        act = ActQuantParams(act_algo="hfmg", num_of_bins=m.num_of_bins,
+                             asymmetric=m.asymmetric if m.HasField("asymmetric") else None)
+    if cfg.HasField("ada_quantize"):
+        raise ConfigError("ada_quantize is not supported yet; use arq_quantize")
+    return LayerConfig(quant_enable=base.quant_enable, activation=act, weight=wts)
+
+
+def parse_cfg(path: str) -> calib_pb2.AMCTConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    message = calib_pb2.AMCTConfig()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as e:
+        match = re.match(r"(\d+):(\d+) : (.*)", str(e), re.S)
+        where = f"{path}:{match.group(1)}:{match.group(2)}" if match else path
+        raise ConfigError(f"{where}: {match.group(3) if match else e}") from None
+    return message
+
+
+def config_from_cfg(path: str, layer_types: dict) -> QuantConfig:
+    """Build the per-layer config from a simple config; `layer_types` maps layer name -> type names."""
+    message = parse_cfg(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+
+    def at(needle: str, fn):
+        try:
+            return fn()
+        except ConfigError as e:
+            raise ConfigError(f"{path}:{_line_of(text, needle)}: {e}") from None
+
+    all_types = {t for types in layer_types.values() for t in types}
+    at("skip_layers", lambda: check_names(message.skip_layers, layer_types, "skip_layers entry"))
+    for entry in message.override_layer_configs:
+        at(entry.layer_name, lambda: check_names([entry.layer_name], layer_types, "override_layer_configs layer"))
+    for entry in message.override_layer_types:
+        if entry.layer_type not in all_types:
+            raise ConfigError(f"{path}:{_line_of(text, entry.layer_type)}: override_layer_types layer_type "
+                              f"'{entry.layer_type}' matches no layer (types here: {sorted(all_types)})")
+    if message.nuq_config.HasField("nuq_quantize") or message.nuq_config.mapping_file:
+        raise ConfigError(f"{path}:{_line_of(text, 'nuq_config')}: nuq_config is not available yet")
+
+    common = at("common_config", lambda: _params_from_proto(LayerConfig(), message.common_config))
+    layers = {}
+    for name, types in layer_types.items():
+        layer = common
+        for entry in message.override_layer_types:
+            if entry.layer_type in types:
+                layer = at(entry.layer_type, lambda: _params_from_proto(layer, entry.calibration_config))
+        for entry in message.override_layer_configs:
+            if entry.layer_name == name:
+                layer = at(entry.layer_name, lambda: _params_from_proto(layer, entry.calibration_config))
+        skipped = name in message.skip_layers or any(t in message.skip_layer_types for t in types)
+        layers[name] = dataclasses.replace(layer, quant_enable=not skipped)
+    return at("batch_num", lambda: QuantConfig(
+        layers=layers, batch_num=message.batch_num, activation_offset=message.activation_offset,
+        do_fusion=message.do_fusion, skip_fusion_layers=tuple(message.skip_fusion_layers)))

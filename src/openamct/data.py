@@ -1,0 +1,260 @@
+"""Image data for calibration and evaluation, on PIL and numpy only (no torchvision).
+
+Preprocessing reproduces torchvision's Resize(short side) + CenterCrop + ToTensor + Normalize on PIL
+images, so published FP32 accuracies can be reproduced without depending on torchvision.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side, centre-crop a square, scale to [0, 1] and normalise per channel (RGB)."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """Return a float32 CHW array."""
+        image = image.convert("RGB")
+        width, height = image.size
+        # Same rounding as torchvision: the long side is truncated, the crop offset rounded.
+        long = int(self.resize * max(width, height) / min(width, height))
+        size = (self.resize, long) if width <= height else (long, self.resize)
+        image = image.resize(size, _RESAMPLE[self.interpolation])
+        left = int(round((size[0] - self.crop) / 2))
+        top = int(round((size[1] - self.crop) / 2))
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        array = np.asarray(image, dtype=np.float32) / np.float32(255)
+        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+class LabelledImages(Dataset):
+    """Labelled images from a folder, in a fixed order, for calibration and evaluation.
+
+    Layouts, chosen from what is on disk:
+
+    * an AMCT ``image_label.txt`` ("<file name> <class id>" per line; file order is evaluation order),
+      passed as ``labels`` or found at ``root/image_label.txt``;
+    * class sub-folders (ImageFolder): classes sorted, index = position, or the sub-folder name looked
+      up in a synset list when there is one;
+    * a flat folder of ``<wnid>_<anything>.JPEG|jpg|png`` files with a synset list (one wnid per line,
+      index = 0-based line number), passed as ``labels`` or found at ``root/synsets.txt`` or
+      ``root/../synsets.txt``.
+
+    A label file is read as an image list when its first entry names an image file, else as a synset
+    list. Files are sorted by name except for image lists; ``limit`` keeps the first N.
+    Items are ``(float32 CHW array, class index)``.
+    """
+
+    def __init__(self, root, preprocess: Preprocess, labels=None, limit: int | None = None):
+        self.root = Path(root)
+        self.preprocess = preprocess
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        label_file = Path(labels) if labels is not None else _find_label_file(self.root)
+        if label_file is not None and not label_file.is_file():
+            raise FileNotFoundError(f"label file not found: {label_file}")
+        if label_file is not None and _is_image_list(label_file):
+            samples = _listed_images(self.root, label_file)
+        else:
+            synsets = _read_synsets(label_file) if label_file is not None else None
+            classes = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if classes:
+                samples = _class_folders(classes, synsets, label_file)
+            else:
+                samples = _flat_folder(self.root, synsets, label_file)
+        if not samples:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {self.root}")
+        self.samples: list[tuple[Path, int]] = samples[:limit]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            return self.preprocess(image), label
+
+
+def _find_label_file(root: Path) -> Path | None:
+    for candidate in (root / "image_label.txt", root / "synsets.txt", root.parent / "synsets.txt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _entries(path: Path):
+    """(line number, stripped line) for the non-blank lines of a label file."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            yield number, line.strip()
+
+
+def _is_image_list(path: Path) -> bool:
+    for _, line in _entries(path):
+        return Path(line.rsplit(maxsplit=1)[0]).suffix.lower() in IMAGE_SUFFIXES
+    return False
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _read_synsets(path: Path) -> dict[str, int]:
+    synsets: dict[str, int] = {}
+    for index, (_, line) in enumerate(_entries(path)):
+        synsets.setdefault(line.split()[0], index)
+    return synsets
+
+
+def _listed_images(root: Path, label_file: Path) -> list[tuple[Path, int]]:
+    samples = []
+    for number, line in _entries(label_file):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ValueError(f"{label_file}:{number}: expected '<image file> <class id>', got {line!r}")
+        path = root / parts[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{label_file}:{number}: image not found: {path}")
+        samples.append((path, int(parts[1])))
+    return samples
+
+
+def _class_folders(classes: list[Path], synsets: dict[str, int] | None, label_file) -> list[tuple[Path, int]]:
+    samples = []
+    for index, folder in enumerate(classes):
+        if synsets is not None:
+            if folder.name not in synsets:
+                raise ValueError(f"class folder {folder}: {folder.name!r} is not in the synset list {label_file}")
+            index = synsets[folder.name]
+        samples += [(path, index) for path in _images(folder)]
+    return samples
+
+
+def _flat_folder(root: Path, synsets: dict[str, int] | None, label_file) -> list[tuple[Path, int]]:
+    if synsets is None:
+        raise FileNotFoundError(
+            f"{root}: a flat image folder needs a synset list; pass labels=PATH "
+            f"or put synsets.txt in {root} or {root.parent}"
+        )
+    samples = []
+    for path in _images(root):
+        wnid = path.name.split("_", 1)[0]
+        if wnid not in synsets:
+            raise ValueError(f"{path}: wnid {wnid!r} is not in the synset list {label_file}")
+        samples.append((path, synsets[wnid]))
+    return samples
+
+
+class _Tolerant(Dataset):
+    """Turns a decoding failure into a marker, in the worker, so one bad file does not end the run."""
+
+    def __init__(self, images: LabelledImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        path = str(self.images.samples[index][0])
+        try:
+            image, label = self.images[index]
+        except (OSError, SyntaxError, ValueError) as err:
+            return path, None, -1, f"{type(err).__name__}: {err}"
+        return path, image, label, None
+
+
+def _collate(items):
+    """Stack the decoded items; pass the failed ones on so the main process can report them."""
+    good = [(image, label) for _, image, label, _ in items if image is not None]
+    failed = [(path, error) for path, image, _, error in items if image is None]
+    images = torch.from_numpy(np.stack([image for image, _ in good])) if good else torch.empty(0)
+    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+    return images, labels, failed
+
+
+class ImageLoader:
+    """Deterministic batches ``(float32 NCHW tensor, int64 labels)`` of a LabelledImages.
+
+    Images are decoded in ``workers`` processes when workers > 0. Unreadable images are skipped with a
+    warning; after a pass, ``skipped`` lists their paths.
+    """
+
+    def __init__(self, dataset: LabelledImages, batch_size: int, workers: int = 0):
+        self.dataset = dataset
+        self.skipped: list[str] = []
+        self._loader = DataLoader(
+            _Tolerant(dataset), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate
+        )
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        self.skipped = []
+        for images, labels, failed in self._loader:
+            for path, error in failed:
+                warnings.warn(f"skipped unreadable image {path} ({error})", stacklevel=2)
+                self.skipped.append(path)
+            if len(labels):
+                yield images, labels
+
+
+def _numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def topk_hits(logits, labels, k=(1, 5)) -> tuple[int, ...]:
+    """How many rows have their label among the k highest logits, for each k (numpy or torch input)."""
+    logits, labels = _numpy(logits), _numpy(labels)
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits (N, classes) and labels (N,), got {logits.shape} and {labels.shape}")
+    ranked = np.argsort(-logits, axis=1, kind="stable")[:, : max(k)]
+    hits = ranked == labels[:, None]
+    return tuple(int(hits[:, :n].any(axis=1).sum()) for n in k)
+
+
+class Accuracy:
+    """Running top-1/top-5 accuracy of any predictor's logits (torch or numpy, e.g. ONNX Runtime)."""
+
+    def __init__(self):
+        self.count = 0
+        self.hits1 = 0
+        self.hits5 = 0
+
+    def update(self, logits, labels) -> None:
+        hits1, hits5 = topk_hits(logits, labels)
+        self.hits1 += hits1
+        self.hits5 += hits5
+        self.count += len(labels)
+
+    @property
+    def top1(self) -> float:
+        return self.hits1 / self.count if self.count else 0.0
+
+    @property
+    def top5(self) -> float:
+        return self.hits5 / self.count if self.count else 0.0

@@ -1,0 +1,257 @@
+"""ONNX export: the fused float model, then the deploy (INT8 QDQ) and fake-quant models built from it + the record.
+
+The fused model carries, in its metadata, which ONNX node computes which quantized layer, so `save_model` needs
+only the two files, as in AMCT. Deploy: QuantizeLinear/DequantizeLinear with uint8 activations, int8 weights and
+int32 biases, the pattern ONNX Runtime turns into QLinearConv / QGemm / MatMulInteger kernels. Fake-quant: only
+Div/Round/Add/Clip/Sub/Mul and float weights on the INT8 grid, the same arithmetic as the PyTorch simulation.
+"""
+import copy
+import hashlib
+import io
+import json
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from .fileio import write_bytes
+from .modules import QuantLayer
+from .primitives import qrange
+
+META_KEY = "openamct.layers"
+OPSET = 17
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def float_copy(qmodel: torch.nn.Module) -> torch.nn.Module:
+    """The calibration model with every QuantLayer replaced by its (BN-folded) float layer."""
+    model = copy.deepcopy(qmodel)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.layer)
+    return model
+
+
+def _fold_pads(graph: onnx.GraphProto) -> None:
+    """Fold constant zero Pad nodes into the following Conv's pads (TF 'same' padding), so QDQ sits next to Conv."""
+    inits = {i.name: i for i in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def value(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return numpy_helper.to_array(consts[name].attribute[0].t)
+        return None
+
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        users = consumers.get(pad.output[0], [])
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = value(pad.input[1]) if len(pad.input) > 1 else None
+        fill = value(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        if len(users) != 1 or users[0].op_type != "Conv" or mode != b"constant" or pads is None or fill is None \
+                or np.any(fill != 0) or (len(pad.input) > 3 and pad.input[3]):
+            continue
+        conv = users[0]
+        rank = len(pads) // 2
+        if np.any(pads[:2] != 0) or np.any(pads[rank:rank + 2] != 0) or np.any(pads < 0):
+            continue
+        attr = next((a for a in conv.attribute if a.name == "pads"), None)
+        spatial = rank - 2
+        old = list(attr.ints) if attr is not None else [0] * (2 * spatial)
+        new = [int(a) for a in pads[2:rank]] + [int(a) for a in pads[rank + 2:]]
+        merged = [o + n for o, n in zip(old, new)]
+        if attr is not None:
+            conv.attribute.remove(attr)
+        conv.attribute.append(helper.make_attribute("pads", merged))
+        conv.input[0] = pad.input[0]
+        graph.node.remove(pad)
+
+
+def export_fused(qmodel, path: str, input_data, input_names=None, output_names=None, dynamic_axes=None) -> dict:
+    """Export the BN-folded float model to `path` with the layer -> node map in its metadata; returns the map."""
+    model = float_copy(qmodel).eval()
+    layers = {name: m for name, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+    args = input_data if isinstance(input_data, tuple) else (input_data,)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    onnx_model = onnx.load_from_string(buffer.getvalue())
+    _fold_pads(onnx_model.graph)
+    digests = {}
+    for name, layer in layers.items():
+        weight = layer.layer.weight.detach().cpu().numpy()
+        digests.setdefault(_digest(weight), []).append((name, False))
+        if weight.ndim == 2:
+            digests.setdefault(_digest(weight.T), []).append((name, True))
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    mapping = {}
+    for node in onnx_model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        init = inits.get(node.input[1])
+        if init is None:
+            continue
+        for name, transposed in digests.get(_digest(numpy_helper.to_array(init)), []):
+            if name in mapping:
+                continue
+            layer = layers[name]
+            if node.op_type in ("Conv", "ConvTranspose"):
+                axis = layer.axis
+            elif node.op_type == "Gemm":
+                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                axis = 0 if trans_b else 1
+            else:
+                axis = 1
+            mapping[name] = {"node": node.name, "op": node.op_type, "weight": node.input[1], "axis": axis,
+                             "act_bits": layer.input_quantizer.params.num_bits,
+                             "weight_bits": layer.weight_quantizer.params.num_bits}
+            break
+    missing = sorted(set(layers) - set(mapping))
+    if missing:
+        raise RuntimeError(f"could not find the ONNX nodes of layers {missing} in the exported model")
+    del onnx_model.metadata_props[:]
+    onnx_model.metadata_props.add(key=META_KEY, value=json.dumps(mapping))
+    write_bytes(path, onnx_model.SerializeToString())
+    return mapping
+
+
+def read_fused(path: str) -> tuple[onnx.ModelProto, dict]:
+    model = onnx.load(path)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if META_KEY not in meta:
+        raise ValueError(f"{path}: not a model written by openamct quantize_model (no '{META_KEY}' metadata)")
+    return model, json.loads(meta[META_KEY])
+
+
+def _channel_shape(array: np.ndarray, axis: int, n: int) -> tuple:
+    shape = [1] * array.ndim
+    shape[axis] = n
+    return tuple(shape)
+
+
+def weight_codes(weight: np.ndarray, scale_w: np.ndarray, axis: int, num_bits: int) -> np.ndarray:
+    """INT8 codes of a weight, computed exactly as the PyTorch simulation does (float32 divide, half-to-even)."""
+    qmin, qmax = qrange(num_bits)
+    scale = scale_w.reshape(_channel_shape(weight, axis, scale_w.size)) if scale_w.size > 1 else scale_w.reshape(())
+    return np.clip(np.round(weight.astype(np.float32) / scale.astype(np.float32)), qmin, qmax)
+
+
+def _toposort(graph: onnx.GraphProto, nodes: list) -> None:
+    """Replace graph.node by `nodes` in an order where every input is produced before it is used."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise RuntimeError("graph has a cycle or an undefined input: " + pending[0].name)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def build_quantized(fused_path: str, records: dict, deploy: bool) -> onnx.ModelProto:
+    """The deploy (deploy=True) or fake-quant model for the fused model at `fused_path` and its record."""
+    model, mapping = read_fused(fused_path)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    new_nodes, new_inits, quantized_inputs = {}, [], {}
+
+    def const(name, array):
+        new_inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    for layer, entry in mapping.items():
+        if layer not in records:
+            continue
+        rec = records[layer]
+        node = nodes[entry["node"]]
+        scale_d, offset_d = np.float32(rec.scale_d), int(rec.offset_d)
+        scale_w = np.asarray(rec.scale_w, dtype=np.float32)
+        qmin, qmax = qrange(entry["act_bits"])
+        weight = numpy_helper.to_array(inits[entry["weight"]])
+        codes = weight_codes(weight, scale_w, entry["axis"], entry["weight_bits"])
+        key = (node.input[0], float(scale_d), offset_d)
+        if key not in quantized_inputs:
+            x, tag = node.input[0], f"{layer}.quant"
+            s = const(f"{tag}.scale", scale_d)
+            if deploy:  # int8 codes shifted to uint8 (q + 128): the same numbers, the fast x86 kernels
+                zp = const(f"{tag}.zero_point", np.uint8(offset_d - qmin))
+                new_nodes.setdefault(node.name, []).extend([
+                    helper.make_node("QuantizeLinear", [x, s, zp], [f"{tag}.q"], name=tag),
+                    helper.make_node("DequantizeLinear", [f"{tag}.q", s, zp], [f"{tag}.dq"], name=f"{tag}.dq")])
+            else:
+                off = const(f"{tag}.offset", np.float32(offset_d))
+                lo, hi = const(f"{tag}.min", np.float32(qmin)), const(f"{tag}.max", np.float32(qmax))
+                names = ["div", "round", "add", "clip", "sub", "dq"]
+                ins = [[x, s], None, [None, off], [None, lo, hi], [None, off], [None, s]]
+                ops = ["Div", "Round", "Add", "Clip", "Sub", "Mul"]
+                chain, prev = [], None
+                for op, nm, extra in zip(ops, names, ins):
+                    inputs = extra if extra is not None else [prev]
+                    inputs = [prev if i is None else i for i in inputs]
+                    prev = f"{tag}.{nm}"
+                    chain.append(helper.make_node(op, inputs, [prev], name=prev))
+                new_nodes.setdefault(node.name, []).extend(chain)
+            quantized_inputs[key] = new_nodes[node.name][-1].output[0]
+        node.input[0] = quantized_inputs[key]
+
+        axis = entry["axis"]
+        scale_shape = _channel_shape(weight, axis, scale_w.size) if scale_w.size > 1 else ()
+        grid = (scale_d * scale_w).astype(np.float32)
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        if deploy:
+            wq = const(f"{layer}.weight_quant", codes.astype(np.int8))
+            ws = const(f"{layer}.weight_scale", scale_w if scale_w.size > 1 else scale_w[0])
+            wz = const(f"{layer}.weight_zero_point", np.zeros(scale_w.shape if scale_w.size > 1 else (), np.int8))
+            attrs = {"axis": axis} if scale_w.size > 1 else {}
+            new_nodes.setdefault(node.name, []).append(helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{layer}.weight_dq"],
+                                                         name=f"{layer}.weight_dq", **attrs))
+            node.input[1] = f"{layer}.weight_dq"
+            if bias_name:
+                bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+                bq = np.round(bias / np.broadcast_to(grid, bias.shape))
+                if np.abs(bq).max() > 2 ** 31 - 1:
+                    raise OverflowError(f"layer '{layer}': bias does not fit in INT32")
+                b = const(f"{layer}.bias_quant", bq.astype(np.int32))
+                bs = const(f"{layer}.bias_scale", grid if grid.size > 1 else grid[0])
+                bz = const(f"{layer}.bias_zero_point", np.zeros(grid.shape if grid.size > 1 else (), np.int32))
+                battrs = {"axis": 0} if grid.size > 1 else {}
+                new_nodes.setdefault(node.name, []).append(helper.make_node("DequantizeLinear", [b, bs, bz], [f"{layer}.bias_dq"],
+                                                             name=f"{layer}.bias_dq", **battrs))
+                node.input[2] = f"{layer}.bias_dq"
+        else:
+            node.input[1] = const(f"{layer}.weight_fakequant",
+                                  (codes * scale_w.reshape(scale_shape)).astype(np.float32))
+            if bias_name:
+                bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+                node.input[2] = const(f"{layer}.bias_fakequant",
+                                      (np.round(bias / grid) * grid).astype(np.float32))
+
+    nodes = [n for node in graph.node for n in new_nodes.get(node.name, []) + [node]]
+    used = {name for node in nodes for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    _toposort(graph, nodes)
+    del model.metadata_props[:]
+    model.producer_name = "openamct"
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,201 @@
+"""Model inspection without torch.fx: which layers can be quantized, which BNs fold, what bounds each input.
+
+One forward pass on the example input runs under a TorchFunctionMode that records, for every tensor, the
+function that produced it and how many functions consumed it. Module hooks tie tensors to module names.
+This works on models that FX cannot trace (data-dependent Python, EfficientNet-style padding).
+"""
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+_BN_FOR_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+_NOT_USES = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "element_size"}
+
+
+def type_names(module: nn.Module) -> tuple[str, ...]:
+    """The module's class name and those of its torch.nn bases, so `Conv2d` also matches a Conv2d subclass."""
+    names = [type(module).__name__]
+    names += [cls.__name__ for cls in QUANTIZABLE if isinstance(module, cls) and cls.__name__ not in names]
+    return tuple(names)
+
+
+def weight_axis(module: nn.Module) -> int:
+    """Axis of the output channels in the weight (ConvTranspose stores them second)."""
+    return 1 if isinstance(module, nn.ConvTranspose2d) else 0
+
+
+def unsupported_reason(module: nn.Module, shared: bool) -> str | None:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
+        if module.padding_mode != "zeros":
+            return f"padding_mode '{module.padding_mode}' (only 'zeros' is supported)"
+        if isinstance(module, nn.ConvTranspose2d) and module.groups > 1:
+            return "grouped ConvTranspose2d"
+    if shared:
+        return "its weight is shared with another layer"
+    return None
+
+
+@dataclass
+class ModelInfo:
+    """What one traced forward pass tells about a model."""
+    layers: dict = field(default_factory=dict)        # quantizable name -> type names
+    skipped: dict = field(default_factory=dict)       # name -> reason it cannot be quantized
+    bn_pairs: dict = field(default_factory=dict)      # conv name -> bn name (foldable)
+    bn_not_folded: dict = field(default_factory=dict)  # bn name -> reason
+    input_bounds: dict = field(default_factory=dict)  # layer name -> (lo, hi) guaranteed by the producer
+
+
+def _bounds_of(func, args, kwargs) -> tuple[float, float] | None:
+    """Output range guaranteed by a clamping activation, else None."""
+    name = getattr(func, "__name__", "")
+    if name in ("relu", "relu_"):
+        return (0.0, math.inf)
+    if name in ("relu6",):
+        return (0.0, 6.0)
+    if name in ("hardtanh", "hardtanh_"):
+        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        return (float(lo), float(hi))
+    if name in ("clamp", "clip", "clamp_", "clip_"):
+        lo = kwargs.get("min", args[1] if len(args) > 1 else None)
+        hi = kwargs.get("max", args[2] if len(args) > 2 else None)
+        if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+            return None
+        return (-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))
+    return None
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.uses = Counter()
+        self.bounds = {}
+        self.keep = []  # holds every tensor so that ids stay unique during the pass
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") not in _NOT_USES:
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor):
+                    self.uses[id(t)] += 1
+                    self.keep.append(t)
+        if isinstance(out, torch.Tensor):
+            self.keep.append(out)
+            bounds = _bounds_of(func, args, kwargs)
+            if bounds is not None:
+                self.bounds[id(out)] = bounds
+            elif id(out) in self.bounds:  # ids are never reused here, so this is an in-place change
+                del self.bounds[id(out)]
+        return out
+
+
+def _as_tuple(input_data):
+    return input_data if isinstance(input_data, (tuple, list)) else (input_data,)
+
+
+def inspect_model(model: nn.Module, input_data, skip_fusion_layers=(), do_fusion: bool = True) -> ModelInfo:
+    """Run one forward pass and report quantizable layers, foldable BNs and input bounds."""
+    info = ModelInfo()
+    modules = dict(model.named_modules())
+    weight_owners = Counter(id(m.weight) for m in modules.values() if isinstance(getattr(m, "weight", None), nn.Parameter))
+    recorder = _Recorder()
+    conv_out, bn_in, called = {}, {}, set()
+    handles = []
+
+    def pre_hook(name):
+        def hook(module, args):
+            called.add(name)
+            if isinstance(module, QUANTIZABLE) and args and isinstance(args[0], torch.Tensor):
+                bounds = recorder.bounds.get(id(args[0]))
+                if bounds is not None:
+                    info.input_bounds[name] = bounds
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and args:
+                bn_in[name] = id(args[0])
+        return hook
+
+    def post_hook(name):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                conv_out.setdefault(id(output), name)
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        if isinstance(module, tuple(_BN_FOR_CONV)):
+            handles.append(module.register_forward_hook(post_hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), recorder:
+            model(*_as_tuple(input_data))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    for name, module in modules.items():
+        if isinstance(module, QUANTIZABLE):
+            reason = unsupported_reason(module, weight_owners[id(module.weight)] > 1)
+            if name not in called:
+                reason = "not called in the forward pass of the example input"
+            if reason:
+                info.skipped[name] = reason
+            else:
+                info.layers[name] = type_names(module)
+        elif any(p.requires_grad for p in module.parameters(recurse=False)) and \
+                not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            info.skipped[name] = f"layer type {type(module).__name__} is not supported"
+
+    for bn_name, tensor_id in bn_in.items():
+        bn = modules[bn_name]
+        conv_name = conv_out.get(tensor_id)
+        if conv_name is None:
+            info.bn_not_folded[bn_name] = "its input does not come straight from a Conv layer"
+            continue
+        conv = modules[conv_name]
+        reason = None
+        if not do_fusion:
+            reason = "do_fusion is false"
+        elif conv_name in skip_fusion_layers:
+            reason = f"'{conv_name}' is in skip_fusion_layers"
+        elif type(bn) is not _BN_FOR_CONV[next(c for c in _BN_FOR_CONV if isinstance(conv, c))]:
+            reason = "BatchNorm dimensionality differs from the conv's"
+        elif not (bn.affine and bn.track_running_stats):
+            reason = "BatchNorm without affine or running statistics"
+        elif conv.padding_mode != "zeros":
+            reason = "conv padding_mode is not 'zeros'"
+        elif recorder.uses[tensor_id] != 1:
+            reason = f"the output of '{conv_name}' has other consumers"
+        if reason:
+            info.bn_not_folded[bn_name] = reason
+        else:
+            info.bn_pairs[conv_name] = bn_name
+    return info
+
+
+def fold_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Fold `bn` into `conv` in place (spec 4.7); False, and nothing changed, if the result is not finite."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    factor = bn.weight / std
+    weight = conv.weight * factor.reshape([-1] + [1] * (conv.weight.dim() - 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    bias = (bias - bn.running_mean) * factor + bn.bias
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        return False
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias = nn.Parameter(bias.detach().clone())
+    return True
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

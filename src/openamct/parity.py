@@ -1,0 +1,73 @@
+"""Exported-model parity: ONNX Runtime outputs against the PyTorch simulation, and where they part."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from .modules import QuantLayer
+
+# relative max-abs difference (to the output's range) beyond which an exported model is said to diverge
+TOLERANCE = {"fake_quant": 1e-3, "deploy": 5e-2}
+
+
+def session(model, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(sess: ort.InferenceSession, inputs) -> dict:
+    return {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+
+
+def compare(reference: np.ndarray, output: np.ndarray) -> dict:
+    diff = float(np.abs(reference - output).max())
+    span = float(np.abs(reference).max()) or 1.0
+    report = {"max_abs_diff": diff, "relative_diff": diff / span}
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        report["top1_agreement"] = float((reference.argmax(1) == output.argmax(1)).mean())
+    return report
+
+
+def first_divergent_layer(onnx_model: onnx.ModelProto, mapping: dict, qmodel, inputs, tolerance: float):
+    """Name of the first quantized layer (in execution order) whose output differs beyond `tolerance`."""
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=name: outputs.setdefault(n, out.detach().cpu().numpy()))
+             for name, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
+    try:
+        with torch.no_grad():
+            qmodel(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    probe = onnx.ModelProto()
+    probe.CopyFrom(onnx_model)
+    node_out = {n.name: n.output[0] for n in probe.graph.node}
+    names = [layer for layer in outputs if layer in mapping]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=node_out[mapping[n]["node"]]) for n in names)
+    sess = session(probe)
+    results = sess.run([node_out[mapping[n]["node"]] for n in names], _feeds(sess, inputs))
+    for name, value in zip(names, results):
+        if compare(outputs[name], value)["relative_diff"] > tolerance:
+            return name
+    return None
+
+
+def check(models: dict, mapping: dict, qmodel, inputs) -> dict:
+    """Run each exported model (kind -> ModelProto) in ONNX Runtime and compare with `qmodel` on `inputs`."""
+    with torch.no_grad():
+        reference = qmodel(*inputs)
+    reference = reference.detach().cpu().numpy()
+    report = {}
+    for kind, model in models.items():
+        sess = session(model)
+        output = sess.run(None, _feeds(sess, inputs))[0]
+        result = compare(reference, output)
+        result["ok"] = result["relative_diff"] <= TOLERANCE[kind] and result.get("top1_agreement", 1.0) >= 0.9
+        if not result["ok"]:
+            result["first_divergent_layer"] = first_divergent_layer(model, mapping, qmodel, inputs, TOLERANCE[kind])
+        report[kind] = result
+    return report

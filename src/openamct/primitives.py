@@ -1,0 +1,90 @@
+"""Pure tensor functions: AMCT's quantization parameters and fake quantization (spec 4.1).
+
+Convention (AMCT): q = clamp(round(x / scale) + offset, -2^(b-1), 2^(b-1) - 1), x ~ (q - offset) * scale.
+round is half-to-even, as in ONNX QuantizeLinear, so PyTorch and ONNX Runtime agree.
+"""
+import torch
+
+FLT_EPSILON = 1.1920929e-07
+
+
+def qrange(num_bits: int) -> tuple[int, int]:
+    return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+
+
+def act_qparams(clip_min: float, clip_max: float, num_bits: int = 8, asymmetric: bool = True) -> tuple[float, int]:
+    """Scale and offset for an activation range.
+
+    >>> act_qparams(0.0, 5.1)
+    (0.019999999552965164, -128)
+    >>> act_qparams(-1.0, 0.5, asymmetric=False)
+    (0.0078125, 0)
+    """
+    qmin, qmax = qrange(num_bits)
+    lo, hi = min(float(clip_min), 0.0), max(float(clip_max), 0.0)
+    if asymmetric:
+        scale = (hi - lo) / (qmax - qmin)
+        if scale < FLT_EPSILON:
+            return 1.0, qmin
+        scale = float(torch.tensor(scale, dtype=torch.float32))
+        offset = int(round(qmin - lo / scale))
+        return scale, max(qmin, min(qmax, offset))
+    bound = max(abs(lo), abs(hi))
+    levels = -qmin if abs(lo) > abs(hi) else qmax
+    scale = bound / levels
+    if scale < FLT_EPSILON:
+        return 1.0, 0
+    return float(torch.tensor(scale, dtype=torch.float32)), 0
+
+
+def weight_scales(weight: torch.Tensor, num_bits: int = 8, channel_wise: bool = True, axis: int = 0) -> torch.Tensor:
+    """Symmetric ARQ scales, one per output channel (along `axis`) or one for the tensor; float32, 1-D."""
+    qmin, qmax = qrange(num_bits)
+    w = weight.detach().float()
+    if channel_wise:
+        w = w.transpose(0, axis).reshape(w.shape[axis], -1)
+    else:
+        w = w.reshape(1, -1)
+    wmax, wmin = w.amax(dim=1).clamp(min=0), w.amin(dim=1).clamp(max=0)
+    negative_larger = (-wmin) > wmax
+    bound = torch.maximum(wmax, -wmin)
+    scale = bound / torch.where(negative_larger, torch.tensor(float(-qmin)), torch.tensor(float(qmax)))
+    return torch.where(scale < FLT_EPSILON, torch.ones_like(scale), scale)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient passes straight through (for QAT)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize(x: torch.Tensor, scale, offset, num_bits: int = 8) -> torch.Tensor:
+    """Integer codes (as float) of `x`."""
+    qmin, qmax = qrange(num_bits)
+    return torch.clamp(torch.round(x / scale) + offset, qmin, qmax)
+
+
+def fake_quant(x: torch.Tensor, scale, offset, num_bits: int = 8) -> torch.Tensor:
+    """Quantize then dequantize, with a straight-through gradient for values inside the range."""
+    qmin, qmax = qrange(num_bits)
+    q = torch.clamp(_round_ste(x / scale) + offset, qmin, qmax)
+    return (q - offset) * scale
+
+
+def channel_view(scale: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """Reshape a per-channel vector so it broadcasts along `axis` of an `ndim` tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int = 8, axis: int = 0) -> torch.Tensor:
+    s = channel_view(scale, weight.dim(), axis) if scale.numel() > 1 else scale.reshape(())
+    return fake_quant(weight, s.to(weight), 0, num_bits)
+
+
+def quantize_bias(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """INT32 codes (as float) of a bias on the accumulator grid scale_d * scale_w, as ONNX QLinearConv adds it."""
+    q = torch.round(bias.detach().float() / grid.float())
+    if q.abs().max() > 2 ** 31 - 1:
+        raise OverflowError("bias does not fit in INT32 at scale scale_d * scale_w")
+    return q
