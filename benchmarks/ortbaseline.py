@@ -59,7 +59,6 @@ def _quantize_child(args: dict) -> dict:
         info.update(preprocessed=False, preprocess_error=f"{type(e).__name__}: {e}")
         model_in = src
 
-
     class Reader(oq.CalibrationDataReader):
         def __init__(self):
             self.i = 0

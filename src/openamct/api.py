@@ -17,7 +17,7 @@ from tqdm import tqdm
 from . import log
 from .config import LayerConfig, QuantConfig, check_names
 from .graph import inspect_model, fold_bn, set_module, weight_axis
-from .modules import QuantLayer
+from .modules import ActQuantizer, QuantLayer, enter_simulation, exit_simulation
 
 
 def default_config(model: nn.Module, input_data, *, skip_layers=(), batch_num: int = 1,
@@ -47,11 +47,26 @@ def prepare(model: nn.Module, config: QuantConfig, input_data) -> nn.Module:
             log.warning(f"'{bn_name}' not fused into '{conv_name}': the result would not be finite.", "ConvBnFusion")
     for bn_name, reason in info.bn_not_folded.items():
         log.info(f"'{bn_name}' not fused: {reason}.", "ConvBnFusion")
-    for name in config.enabled():
+    quantizers = {}  # tensor id -> its ActQuantizer, shared by every layer that reads or writes it
+
+    def quantizer(tensor_id, name, bounds=None):
+        if tensor_id not in quantizers:
+            quantizers[tensor_id] = ActQuantizer(config.layers[name].activation, config.asymmetric(name),
+                                                 config.batch_num, bounds, name)
+        return quantizers[tensor_id]
+
+    enabled = config.enabled()
+    for name in enabled:
+        quantizer(info.input_tensor[name], name, info.input_bounds.get(name))
+    for name in enabled:
         layer = qmodel.get_submodule(name)
-        wrapped = QuantLayer(layer, config.layers[name], config.asymmetric(name), config.batch_num,
-                             info.input_bounds.get(name), name, weight_axis(layer))
+        output = info.output_tensor[name]
+        wants_output = output in info.adds
+        wrapped = QuantLayer(layer, config.layers[name], quantizers[info.input_tensor[name]], name,
+                             weight_axis(layer), quantizer(output, name) if wants_output else None)
         set_module(qmodel, name, wrapped)
+    qmodel.register_forward_pre_hook(enter_simulation)
+    qmodel.register_forward_hook(exit_simulation, always_call=True)
     _log_coverage(config, info)
     return qmodel
 
@@ -79,11 +94,11 @@ def convert(qmodel: nn.Module) -> nn.Module:
     layers = quant_layers(qmodel)
     for name, layer in tqdm(layers.items(), desc="calibrating layers", unit="layer", leave=False,
                             disable=len(layers) < 8):
-        quantizer = layer.input_quantizer
-        if not quantizer.calibrated:
-            log.info(f"Use {quantizer.batches_seen} batch to do layer {name} data calibration.", "IFMR"
-                     if quantizer.params.act_algo == "ifmr" else "HFMG")
-            quantizer.finish()
+        for quantizer in (layer.input_quantizer, layer.output_quantizer):
+            if quantizer is not None and not quantizer.calibrated:
+                log.info(f"Use {quantizer.batches_seen} batch to do layer {name} data calibration.",
+                         quantizer.params.act_algo.upper())
+                quantizer.finish()
     return qmodel
 
 

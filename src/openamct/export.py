@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from .fileio import write_bytes
 from .modules import QuantLayer
@@ -36,6 +37,32 @@ def float_copy(qmodel: torch.nn.Module) -> torch.nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module.layer)
     return model
+
+
+def _fold_constants(graph: onnx.GraphProto) -> None:
+    """Evaluate every node whose inputs are all constants (e.g. the pad arithmetic of TF 'same' padding) into
+    initializers: shape arithmetic left in the graph blocks QDQ fusion and costs time at each inference."""
+    known = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type.startswith("Random") or not all(i in known or i == "" for i in node.input):
+            kept.append(node)
+            continue
+        inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(known[i].dtype), None)
+                  for i in node.input if i]
+        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
+        single = helper.make_model(helper.make_graph([node], "fold", inputs, outputs),
+                                   opset_imports=[helper.make_opsetid("", OPSET)])
+        values = ReferenceEvaluator(single).run(None, {i: known[i] for i in node.input if i})
+        known.update(zip(node.output, (np.asarray(v) for v in values)))
+    graph_outputs = {o.name for o in graph.output}
+    used = {i for node in kept for i in node.input} | graph_outputs
+    initial = {i.name for i in graph.initializer}
+    for name, value in known.items():
+        if name in used and name not in initial:
+            graph.initializer.append(numpy_helper.from_array(value, name))
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _fold_pads(graph: onnx.GraphProto) -> None:
@@ -89,6 +116,7 @@ def export_fused(qmodel, path: str, input_data, input_names=None, output_names=N
         torch.onnx.export(model, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
     onnx_model = onnx.load_from_string(buffer.getvalue())
+    _fold_constants(onnx_model.graph)
     _fold_pads(onnx_model.graph)
     digests = {}
     for name, layer in layers.items():
@@ -166,13 +194,40 @@ def _toposort(graph: onnx.GraphProto, nodes: list) -> None:
     graph.node.extend(ordered)
 
 
+def _quant_nodes(tensor: str, tag: str, scale: float, offset: int, num_bits: int, deploy: bool, const) -> list:
+    """Nodes that quantize `tensor` and give its dequantized value as `<tag>.dq`.
+
+    Deploy: QuantizeLinear/DequantizeLinear with uint8 codes (AMCT's int8 code + 128: the same numbers, and the
+    kernels x86 runs fastest). Fake-quant: AMCT's Div/Round/Add/Clip/Sub chain, then Mul back to float.
+    """
+    qmin, qmax = qrange(num_bits)
+    s = const(f"{tag}.scale", np.float32(scale))
+    if deploy:
+        zp = const(f"{tag}.zero_point", np.uint8(offset - qmin))
+        return [helper.make_node("QuantizeLinear", [tensor, s, zp], [f"{tag}.q"], name=tag),
+                helper.make_node("DequantizeLinear", [f"{tag}.q", s, zp], [f"{tag}.dq"], name=f"{tag}.dq")]
+    off = const(f"{tag}.offset", np.float32(offset))
+    lo, hi = const(f"{tag}.min", np.float32(qmin)), const(f"{tag}.max", np.float32(qmax))
+    steps = [("Div", [tensor, s]), ("Round", []), ("Add", [off]), ("Clip", [lo, hi]), ("Sub", [off]), ("Mul", [s])]
+    chain, prev = [], None
+    for i, (op, extra) in enumerate(steps):
+        out = f"{tag}.dq" if i == len(steps) - 1 else f"{tag}.{op.lower()}"
+        chain.append(helper.make_node(op, extra if prev is None else [prev] + extra, [out], name=out))
+        prev = out
+    return chain
+
+
 def build_quantized(fused_path: str, records: dict, deploy: bool) -> onnx.ModelProto:
-    """The deploy (deploy=True) or fake-quant model for the fused model at `fused_path` and its record."""
+    """The deploy (deploy=True) or fake-quant model for the fused model at `fused_path` and its record.
+
+    Each quantized tensor gets one quantize/dequantize chain and *all* its consumers read the dequantized value
+    (as in the PyTorch simulation), so e.g. a residual add sees integers on both inputs.
+    """
     model, mapping = read_fused(fused_path)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     nodes = {n.name: n for n in graph.node}
-    new_nodes, new_inits, quantized_inputs = {}, [], {}
+    added_nodes, new_inits, tensors = [], [], {}
 
     def const(name, array):
         new_inits.append(numpy_helper.from_array(np.asarray(array), name))
@@ -181,71 +236,49 @@ def build_quantized(fused_path: str, records: dict, deploy: bool) -> onnx.ModelP
     for layer, entry in mapping.items():
         if layer not in records:
             continue
-        rec = records[layer]
-        node = nodes[entry["node"]]
-        scale_d, offset_d = np.float32(rec.scale_d), int(rec.offset_d)
+        rec, node = records[layer], nodes[entry["node"]]
+        tensors.setdefault(node.input[0], (f"{layer}.quant", rec.scale_d, rec.offset_d, entry["act_bits"]))
+        if rec.HasField("scale_o"):
+            tensors.setdefault(node.output[0], (f"{layer}.quant_out", rec.scale_o, rec.offset_o, entry["act_bits"]))
+
+        scale_d = np.float32(rec.scale_d)
         scale_w = np.asarray(rec.scale_w, dtype=np.float32)
-        qmin, qmax = qrange(entry["act_bits"])
         weight = numpy_helper.to_array(inits[entry["weight"]])
         codes = weight_codes(weight, scale_w, entry["axis"], entry["weight_bits"])
-        key = (node.input[0], float(scale_d), offset_d)
-        if key not in quantized_inputs:
-            x, tag = node.input[0], f"{layer}.quant"
-            s = const(f"{tag}.scale", scale_d)
-            if deploy:  # int8 codes shifted to uint8 (q + 128): the same numbers, the fast x86 kernels
-                zp = const(f"{tag}.zero_point", np.uint8(offset_d - qmin))
-                new_nodes.setdefault(node.name, []).extend([
-                    helper.make_node("QuantizeLinear", [x, s, zp], [f"{tag}.q"], name=tag),
-                    helper.make_node("DequantizeLinear", [f"{tag}.q", s, zp], [f"{tag}.dq"], name=f"{tag}.dq")])
-            else:
-                off = const(f"{tag}.offset", np.float32(offset_d))
-                lo, hi = const(f"{tag}.min", np.float32(qmin)), const(f"{tag}.max", np.float32(qmax))
-                names = ["div", "round", "add", "clip", "sub", "dq"]
-                ins = [[x, s], None, [None, off], [None, lo, hi], [None, off], [None, s]]
-                ops = ["Div", "Round", "Add", "Clip", "Sub", "Mul"]
-                chain, prev = [], None
-                for op, nm, extra in zip(ops, names, ins):
-                    inputs = extra if extra is not None else [prev]
-                    inputs = [prev if i is None else i for i in inputs]
-                    prev = f"{tag}.{nm}"
-                    chain.append(helper.make_node(op, inputs, [prev], name=prev))
-                new_nodes.setdefault(node.name, []).extend(chain)
-            quantized_inputs[key] = new_nodes[node.name][-1].output[0]
-        node.input[0] = quantized_inputs[key]
-
-        axis = entry["axis"]
-        scale_shape = _channel_shape(weight, axis, scale_w.size) if scale_w.size > 1 else ()
-        grid = (scale_d * scale_w).astype(np.float32)
+        per_channel = scale_w.size > 1
+        grid = (scale_d * scale_w).astype(np.float32)  # the accumulator's scale, as the simulation computes it
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32) if bias_name else None
+        bias_codes = np.round(bias / grid) if bias_name else None
+        if bias_name and np.abs(bias_codes).max() > 2 ** 31 - 1:
+            raise OverflowError(f"layer '{layer}': bias does not fit in INT32")
         if deploy:
+            axis = {"axis": entry["axis"]} if per_channel else {}
             wq = const(f"{layer}.weight_quant", codes.astype(np.int8))
-            ws = const(f"{layer}.weight_scale", scale_w if scale_w.size > 1 else scale_w[0])
-            wz = const(f"{layer}.weight_zero_point", np.zeros(scale_w.shape if scale_w.size > 1 else (), np.int8))
-            attrs = {"axis": axis} if scale_w.size > 1 else {}
-            new_nodes.setdefault(node.name, []).append(helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{layer}.weight_dq"],
-                                                         name=f"{layer}.weight_dq", **attrs))
+            ws = const(f"{layer}.weight_scale", scale_w if per_channel else scale_w[0])
+            wz = const(f"{layer}.weight_zero_point", np.zeros(scale_w.shape, np.int8) if per_channel else np.int8(0))
+            added_nodes.append(helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{layer}.weight_dq"],
+                                                name=f"{layer}.weight_dq", **axis))
             node.input[1] = f"{layer}.weight_dq"
             if bias_name:
-                bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
-                bq = np.round(bias / np.broadcast_to(grid, bias.shape))
-                if np.abs(bq).max() > 2 ** 31 - 1:
-                    raise OverflowError(f"layer '{layer}': bias does not fit in INT32")
-                b = const(f"{layer}.bias_quant", bq.astype(np.int32))
-                bs = const(f"{layer}.bias_scale", grid if grid.size > 1 else grid[0])
-                bz = const(f"{layer}.bias_zero_point", np.zeros(grid.shape if grid.size > 1 else (), np.int32))
-                battrs = {"axis": 0} if grid.size > 1 else {}
-                new_nodes.setdefault(node.name, []).append(helper.make_node("DequantizeLinear", [b, bs, bz], [f"{layer}.bias_dq"],
-                                                             name=f"{layer}.bias_dq", **battrs))
+                b = const(f"{layer}.bias_quant", bias_codes.astype(np.int32))
+                bs = const(f"{layer}.bias_scale", grid if per_channel else grid[0])
+                bz = const(f"{layer}.bias_zero_point", np.zeros(grid.shape, np.int32) if per_channel else np.int32(0))
+                added_nodes.append(helper.make_node("DequantizeLinear", [b, bs, bz], [f"{layer}.bias_dq"],
+                                                    name=f"{layer}.bias_dq", **({"axis": 0} if per_channel else {})))
                 node.input[2] = f"{layer}.bias_dq"
         else:
-            node.input[1] = const(f"{layer}.weight_fakequant",
-                                  (codes * scale_w.reshape(scale_shape)).astype(np.float32))
+            shape = _channel_shape(weight, entry["axis"], scale_w.size) if per_channel else ()
+            node.input[1] = const(f"{layer}.weight_fakequant", (codes * scale_w.reshape(shape)).astype(np.float32))
             if bias_name:
-                bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
-                node.input[2] = const(f"{layer}.bias_fakequant",
-                                      (np.round(bias / grid) * grid).astype(np.float32))
+                node.input[2] = const(f"{layer}.bias_fakequant", (bias_codes * grid).astype(np.float32))
 
-    nodes = [n for node in graph.node for n in new_nodes.get(node.name, []) + [node]]
+    for tensor, (tag, scale, offset, bits) in tensors.items():
+        for node in graph.node:
+            node.input[:] = [f"{tag}.dq" if name == tensor else name for name in node.input]
+        added_nodes.extend(_quant_nodes(tensor, tag, scale, offset, bits, deploy, const))
+
+    nodes = list(graph.node) + added_nodes
     used = {name for node in nodes for name in node.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]

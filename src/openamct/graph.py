@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 _BN_FOR_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+_ADDS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
 _NOT_USES = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "element_size"}
 
 
@@ -50,6 +51,9 @@ class ModelInfo:
     bn_pairs: dict = field(default_factory=dict)      # conv name -> bn name (foldable)
     bn_not_folded: dict = field(default_factory=dict)  # bn name -> reason
     input_bounds: dict = field(default_factory=dict)  # layer name -> (lo, hi) guaranteed by the producer
+    input_tensor: dict = field(default_factory=dict)  # layer name -> id of its input tensor in the traced pass
+    output_tensor: dict = field(default_factory=dict)  # layer name -> id of its output (after a folded BN)
+    adds: set = field(default_factory=set)           # ids of tensors that an elementwise add consumes
 
 
 def _bounds_of(func, args, kwargs) -> tuple[float, float] | None:
@@ -76,17 +80,21 @@ class _Recorder(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.uses = Counter()
+        self.adds = set()
         self.bounds = {}
         self.keep = []  # holds every tensor so that ids stay unique during the pass
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if getattr(func, "__name__", "") not in _NOT_USES:
+        name = getattr(func, "__name__", "")
+        if name not in _NOT_USES:
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     self.uses[id(t)] += 1
                     self.keep.append(t)
+                    if name in _ADDS:
+                        self.adds.add(id(t))
         if isinstance(out, torch.Tensor):
             self.keep.append(out)
             bounds = _bounds_of(func, args, kwargs)
@@ -107,30 +115,35 @@ def inspect_model(model: nn.Module, input_data, skip_fusion_layers=(), do_fusion
     modules = dict(model.named_modules())
     weight_owners = Counter(id(m.weight) for m in modules.values() if isinstance(getattr(m, "weight", None), nn.Parameter))
     recorder = _Recorder()
-    conv_out, bn_in, called = {}, {}, set()
+    calls = {}  # module name -> (input id, output id) of its first call
     handles = []
 
     def pre_hook(name):
         def hook(module, args):
-            called.add(name)
-            if isinstance(module, QUANTIZABLE) and args and isinstance(args[0], torch.Tensor):
-                bounds = recorder.bounds.get(id(args[0]))
-                if bounds is not None:
-                    info.input_bounds[name] = bounds
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and args:
-                bn_in[name] = id(args[0])
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            calls.setdefault(name, [id(x) if x is not None else None, None])
+            if isinstance(module, QUANTIZABLE) and x is not None and id(x) in recorder.bounds:
+                info.input_bounds.setdefault(name, recorder.bounds[id(x)])
+        return hook
+
+    def mark_called(name):
+        def hook(module, args):
+            calls.setdefault(name, [None, None])
         return hook
 
     def post_hook(name):
         def hook(module, args, output):
-            if isinstance(output, torch.Tensor):
-                conv_out.setdefault(id(output), name)
+            if isinstance(output, torch.Tensor) and calls[name][1] is None:
+                calls[name][1] = id(output)
+                recorder.keep.append(output)
         return hook
 
     for name, module in modules.items():
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
-        if isinstance(module, tuple(_BN_FOR_CONV)):
+        if isinstance(module, QUANTIZABLE + (nn.modules.batchnorm._BatchNorm,)):
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
             handles.append(module.register_forward_hook(post_hook(name)))
+        else:
+            handles.append(module.register_forward_pre_hook(mark_called(name)))
     was_training = model.training
     model.eval()
     try:
@@ -140,6 +153,10 @@ def inspect_model(model: nn.Module, input_data, skip_fusion_layers=(), do_fusion
         for h in handles:
             h.remove()
         model.train(was_training)
+    called = set(calls)
+    conv_out = {calls[n][1]: n for n, m in modules.items() if isinstance(m, tuple(_BN_FOR_CONV)) and n in calls}
+    bn_in = {n: calls[n][0] for n, m in modules.items()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and n in calls}
 
     for name, module in modules.items():
         if isinstance(module, QUANTIZABLE):
@@ -178,6 +195,10 @@ def inspect_model(model: nn.Module, input_data, skip_fusion_layers=(), do_fusion
             info.bn_not_folded[bn_name] = reason
         else:
             info.bn_pairs[conv_name] = bn_name
+    for name in info.layers:
+        info.input_tensor[name] = calls[name][0]
+        info.output_tensor[name] = calls[info.bn_pairs[name]][1] if name in info.bn_pairs else calls[name][1]
+    info.adds = recorder.adds
     return info
 
 

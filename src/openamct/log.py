@@ -24,15 +24,23 @@ class _TagFilter(logging.Filter):
         return True
 
 
-class _LazyFileHandler(logging.FileHandler):
-    """Creates `amct_log/` only when the first record is written."""
+class _CwdFileHandler(logging.FileHandler):
+    """Writes `amct_log/amct_pytorch.log` under the current working directory, created at the first record."""
 
-    def __init__(self, path):
-        super().__init__(path, mode="a", delay=True)
+    def __init__(self):
+        super().__init__(self._path(), mode="a", delay=True)
+
+    @staticmethod
+    def _path() -> str:
+        return os.path.join(os.getcwd(), "amct_log", "amct_pytorch.log")
 
     def emit(self, record):
+        path = self._path()
+        if path != self.baseFilename:
+            self.close()
+            self.baseFilename = path
         if self.stream is None:
-            os.makedirs(os.path.dirname(self.baseFilename), mode=0o750, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
         super().emit(record)
 
 
@@ -44,7 +52,7 @@ def get_logger() -> logging.Logger:
         formatter = logging.Formatter(LOG_FORMAT)
         console = logging.StreamHandler()
         console.setLevel(_level("AMCT_LOG_LEVEL"))
-        file_handler = _LazyFileHandler(os.path.join(os.getcwd(), "amct_log", "amct_pytorch.log"))
+        file_handler = _CwdFileHandler()
         file_handler.setLevel(_level("AMCT_LOG_FILE_LEVEL"))
         for handler in (console, file_handler):
             handler.setFormatter(formatter)

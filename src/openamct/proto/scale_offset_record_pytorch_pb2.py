@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!scale_offset_record_pytorch.proto\x12\x10\x41MCTPytorchProto\"\xf4\x02\n\x11SingleLayerRecord\x12\x0f\n\x07scale_d\x18\x01 \x01(\x02\x12\x10\n\x08offset_d\x18\x02 \x01(\x05\x12\x0f\n\x07scale_w\x18\x03 \x03(\x02\x12\x10\n\x08offset_w\x18\x04 \x03(\x05\x12\x11\n\tshift_bit\x18\x05 \x03(\r\x12\x1d\n\x15tensor_balance_factor\x18\x06 \x03(\x02\x12\x1a\n\x0bskip_fusion\x18\t \x01(\x08:\x05\x66\x61lse\x12\x16\n\x08\x64st_type\x18\n \x01(\t:\x04INT8\x12\x16\n\x08\x61\x63t_type\x18\x0b \x01(\t:\x04INT8\x12\x16\n\x08wts_type\x18\x0c \x01(\t:\x04INT8\x12)\n\x18\x66\x61kequant_precision_mode\x18\r \x01(\t:\x07\x44\x45\x46\x41ULT\x12\x0f\n\x07scale_h\x18\x15 \x01(\x02\x12\x10\n\x08offset_h\x18\x16 \x01(\x05\x12\x0f\n\x07scale_r\x18\x17 \x01(\x02\x12\x10\n\x08offset_r\x18\x18 \x01(\x05\x12\x12\n\nnuq_levels\x18\x64 \x03(\x05\".\n\rKVCacheRecord\x12\r\n\x05scale\x18\x01 \x03(\x02\x12\x0e\n\x06offset\x18\x02 \x03(\x05\"\x89\x01\n\rMapFiledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.AMCTPytorchProto.SingleLayerRecord\x12\x37\n\x0ekv_cache_value\x18\x03 \x01(\x0b\x32\x1f.AMCTPytorchProto.KVCacheRecord\"\xfb\x01\n\tAttrProto\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x04type\x18\x02 \x01(\x0e\x32$.AMCTPytorchProto.AttrProto.AttrType\x12\t\n\x01\x66\x18\x03 \x01(\x02\x12\t\n\x01i\x18\x04 \x01(\x03\x12\t\n\x01s\x18\x05 \x01(\x0c\x12\x0e\n\x06\x66loats\x18\x06 \x03(\x02\x12\x0c\n\x04ints\x18\x07 \x03(\x03\x12\x0f\n\x07strings\x18\x08 \x03(\x0c\"\\\n\x08\x41ttrType\x12\r\n\tUNDEFINED\x10\x00\x12\t\n\x05\x46LOAT\x10\x01\x12\x07\n\x03INT\x10\x02\x12\n\n\x06STRING\x10\x03\x12\n\n\x06\x46LOATS\x10\x06\x12\x08\n\x04INTS\x10\x07\x12\x0b\n\x07STRINGS\x10\x08\"D\n\tPruneNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04\x61ttr\x18\x02 \x03(\x0b\x32\x1b.AMCTPytorchProto.AttrProto\"\xa1\x01\n\x0bPruneRecord\x12-\n\x08producer\x18\x01 \x03(\x0b\x32\x1b.AMCTPytorchProto.PruneNode\x12-\n\x08\x63onsumer\x18\x02 \x03(\x0b\x32\x1b.AMCTPytorchProto.PruneNode\x12\x34\n\x0fselective_prune\x18\x03 \x01(\x0b\x32\x1b.AMCTPytorchProto.PruneNode\"y\n\x11ScaleOffsetRecord\x12/\n\x06record\x18\x01 \x03(\x0b\x32\x1f.AMCTPytorchProto.MapFiledEntry\x12\x33\n\x0cprune_record\x18\x02 \x03(\x0b\x32\x1d.AMCTPytorchProto.PruneRecord')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!scale_offset_record_pytorch.proto\x12\x10\x41MCTPytorchProto\"\x97\x03\n\x11SingleLayerRecord\x12\x0f\n\x07scale_d\x18\x01 \x01(\x02\x12\x10\n\x08offset_d\x18\x02 \x01(\x05\x12\x0f\n\x07scale_w\x18\x03 \x03(\x02\x12\x10\n\x08offset_w\x18\x04 \x03(\x05\x12\x11\n\tshift_bit\x18\x05 \x03(\r\x12\x1d\n\x15tensor_balance_factor\x18\x06 \x03(\x02\x12\x1a\n\x0bskip_fusion\x18\t \x01(\x08:\x05\x66\x61lse\x12\x16\n\x08\x64st_type\x18\n \x01(\t:\x04INT8\x12\x16\n\x08\x61\x63t_type\x18\x0b \x01(\t:\x04INT8\x12\x16\n\x08wts_type\x18\x0c \x01(\t:\x04INT8\x12)\n\x18\x66\x61kequant_precision_mode\x18\r \x01(\t:\x07\x44\x45\x46\x41ULT\x12\x0f\n\x07scale_h\x18\x15 \x01(\x02\x12\x10\n\x08offset_h\x18\x16 \x01(\x05\x12\x0f\n\x07scale_r\x18\x17 \x01(\x02\x12\x10\n\x08offset_r\x18\x18 \x01(\x05\x12\x12\n\nnuq_levels\x18\x64 \x03(\x05\x12\x0f\n\x07scale_o\x18\x65 \x01(\x02\x12\x10\n\x08offset_o\x18\x66 \x01(\x05\".\n\rKVCacheRecord\x12\r\n\x05scale\x18\x01 \x03(\x02\x12\x0e\n\x06offset\x18\x02 \x03(\x05\"\x89\x01\n\rMapFiledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.AMCTPytorchProto.SingleLayerRecord\x12\x37\n\x0ekv_cache_value\x18\x03 \x01(\x0b\x32\x1f.AMCTPytorchProto.KVCacheRecord\"\xfb\x01\n\tAttrProto\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x04type\x18\x02 \x01(\x0e\x32$.AMCTPytorchProto.AttrProto.AttrType\x12\t\n\x01\x66\x18\x03 \x01(\x02\x12\t\n\x01i\x18\x04 \x01(\x03\x12\t\n\x01s\x18\x05 \x01(\x0c\x12\x0e\n\x06\x66loats\x18\x06 \x03(\x02\x12\x0c\n\x04ints\x18\x07 \x03(\x03\x12\x0f\n\x07strings\x18\x08 \x03(\x0c\"\\\n\x08\x41ttrType\x12\r\n\tUNDEFINED\x10\x00\x12\t\n\x05\x46LOAT\x10\x01\x12\x07\n\x03INT\x10\x02\x12\n\n\x06STRING\x10\x03\x12\n\n\x06\x46LOATS\x10\x06\x12\x08\n\x04INTS\x10\x07\x12\x0b\n\x07STRINGS\x10\x08\"D\n\tPruneNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04\x61ttr\x18\x02 \x03(\x0b\x32\x1b.AMCTPytorchProto.AttrProto\"\xa1\x01\n\x0bPruneRecord\x12-\n\x08producer\x18\x01 \x03(\x0b\x32\x1b.AMCTPytorchProto.PruneNode\x12-\n\x08\x63onsumer\x18\x02 \x03(\x0b\x32\x1b.AMCTPytorchProto.PruneNode\x12\x34\n\x0fselective_prune\x18\x03 \x01(\x0b\x32\x1b.AMCTPytorchProto.PruneNode\"y\n\x11ScaleOffsetRecord\x12/\n\x06record\x18\x01 \x03(\x0b\x32\x1f.AMCTPytorchProto.MapFiledEntry\x12\x33\n\x0cprune_record\x18\x02 \x03(\x0b\x32\x1d.AMCTPytorchProto.PruneRecord')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'scale_offset_record_pytorch
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SINGLELAYERRECORD']._serialized_start=56
-  _globals['_SINGLELAYERRECORD']._serialized_end=428
-  _globals['_KVCACHERECORD']._serialized_start=430
-  _globals['_KVCACHERECORD']._serialized_end=476
-  _globals['_MAPFILEDENTRY']._serialized_start=479
-  _globals['_MAPFILEDENTRY']._serialized_end=616
-  _globals['_ATTRPROTO']._serialized_start=619
-  _globals['_ATTRPROTO']._serialized_end=870
-  _globals['_ATTRPROTO_ATTRTYPE']._serialized_start=778
-  _globals['_ATTRPROTO_ATTRTYPE']._serialized_end=870
-  _globals['_PRUNENODE']._serialized_start=872
-  _globals['_PRUNENODE']._serialized_end=940
-  _globals['_PRUNERECORD']._serialized_start=943
-  _globals['_PRUNERECORD']._serialized_end=1104
-  _globals['_SCALEOFFSETRECORD']._serialized_start=1106
-  _globals['_SCALEOFFSETRECORD']._serialized_end=1227
+  _globals['_SINGLELAYERRECORD']._serialized_end=463
+  _globals['_KVCACHERECORD']._serialized_start=465
+  _globals['_KVCACHERECORD']._serialized_end=511
+  _globals['_MAPFILEDENTRY']._serialized_start=514
+  _globals['_MAPFILEDENTRY']._serialized_end=651
+  _globals['_ATTRPROTO']._serialized_start=654
+  _globals['_ATTRPROTO']._serialized_end=905
+  _globals['_ATTRPROTO_ATTRTYPE']._serialized_start=813
+  _globals['_ATTRPROTO_ATTRTYPE']._serialized_end=905
+  _globals['_PRUNENODE']._serialized_start=907
+  _globals['_PRUNENODE']._serialized_end=975
+  _globals['_PRUNERECORD']._serialized_start=978
+  _globals['_PRUNERECORD']._serialized_end=1139
+  _globals['_SCALEOFFSETRECORD']._serialized_start=1141
+  _globals['_SCALEOFFSETRECORD']._serialized_end=1262
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,167 @@
+"""Quantization primitives and observers against independent numpy references."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from openamct.config import ActQuantParams
+from openamct.graph import fold_bn
+from openamct.observers import HFMGObserver, IFMRObserver
+from openamct.primitives import act_qparams, fake_quant, weight_scales
+
+
+def ref_act_qparams(lo, hi, asymmetric):
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if asymmetric:
+        scale = np.float32((hi - lo) / 255)
+        return float(scale), int(np.clip(np.round(-128 - lo / scale), -128, 127))
+    levels = 128 if -lo > hi else 127
+    return float(np.float32(max(-lo, hi) / levels)), 0
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 6.0), (-1.3, 2.2), (-3.0, 0.5), (0.2, 0.9), (-0.0, 0.0)])
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_act_qparams_matches_reference(lo, hi, asymmetric):
+    scale, offset = act_qparams(lo, hi, 8, asymmetric)
+    if hi - lo == 0:
+        assert (scale, offset) == (1.0, -128 if asymmetric else 0)
+        return
+    assert scale == pytest.approx(ref_act_qparams(lo, hi, asymmetric)[0], rel=1e-6)
+    assert offset == ref_act_qparams(lo, hi, asymmetric)[1]
+    # the range ends map inside the int8 grid and zero is exact
+    q = lambda v: np.clip(np.round(v / scale) + offset, -128, 127)  # noqa: E731
+    assert (q(0.0) - offset) * scale == 0.0
+
+
+def test_weight_scales_per_channel_and_tensor():
+    w = torch.randn(5, 3, 3, 3)
+    w[2] = -w[2].abs()  # a channel whose largest magnitude is negative uses 128 levels
+    ref = np.abs(w.numpy().reshape(5, -1)).max(1) / np.where(
+        -w.numpy().reshape(5, -1).min(1) > w.numpy().reshape(5, -1).max(1), 128, 127)
+    np.testing.assert_allclose(weight_scales(w, 8, True).numpy(), ref, rtol=1e-6)
+    whole = np.abs(w.numpy()).max() / (128 if -w.min() > w.max() else 127)
+    np.testing.assert_allclose(weight_scales(w, 8, False).numpy(), [whole], rtol=1e-6)
+    # ConvTranspose keeps output channels on axis 1
+    wt = torch.randn(3, 4, 2, 2)
+    np.testing.assert_allclose(weight_scales(wt, 8, True, axis=1).numpy(),
+                               weight_scales(wt.transpose(0, 1), 8, True).numpy())
+
+
+def test_fake_quant_is_on_grid_and_rounds_half_to_even():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, 300.0, -300.0])
+    out = fake_quant(x, 1.0, 0, 8)
+    assert out.tolist() == [0.0, 2.0, 2.0, -0.0, 127.0, -128.0]
+
+
+def ref_ifmr(data, p, asymmetric, bounds=(-math.inf, math.inf)):
+    """Spec 4.3, written plainly in numpy over all the data."""
+    data = np.sort(data.astype(np.float32))
+    n = data.size
+    k = max(1, n - math.floor(p.max_percentile * n))
+    max_init = min(max(float(data[n - k]), 0.0), bounds[1])
+    k = max(1, n - math.floor(p.min_percentile * n))
+    min_init = max(min(float(data[k - 1]), 0.0), bounds[0])
+    if not asymmetric:
+        max_init = max(max_init, -min_init)
+    best, best_clip = np.inf, None
+    for r in np.arange(p.search_range[0], p.search_range[1], p.search_step):
+        clip_max = min(max_init * r, bounds[1])
+        clip_min = min_init if asymmetric else -clip_max
+        scale = ref_act_qparams(clip_min, clip_max, asymmetric)[0]
+        q = np.round(np.clip(data, clip_min, clip_max) / np.float32(scale)) * np.float32(scale)
+        loss = np.mean((q - data) ** 2)
+        if loss < best:
+            best, best_clip = loss, clip_max
+    return (min_init if asymmetric else -best_clip), best_clip
+
+
+@pytest.mark.parametrize("asymmetric", [True, False])
+@pytest.mark.parametrize("percentile", [0.999999, 0.99])
+def test_ifmr_matches_numpy_reference(asymmetric, percentile):
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 8, 10, 10, generator=gen) * 2 + 0.5, torch.randn(4, 8, 10, 10, generator=gen)]
+    params = ActQuantParams(max_percentile=percentile, min_percentile=percentile)
+    observer = IFMRObserver(params, asymmetric, batch_num=2)
+    for b in batches:
+        observer.observe(b)
+    got = observer.compute()
+    want = ref_ifmr(torch.cat(batches).numpy().ravel(), params, asymmetric)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_ifmr_respects_producer_bounds():
+    data = torch.rand(2, 1000) * 6.0
+    data[0, 0] = 6.0
+    observer = IFMRObserver(ActQuantParams(), True, batch_num=1)
+    observer.observe(data)
+    clip_min, clip_max = observer.compute((0.0, 6.0))
+    assert clip_min == 0.0 and clip_max <= 6.0
+    assert (clip_min, clip_max) == pytest.approx(ref_ifmr(data.numpy().ravel(), ActQuantParams(), True, (0.0, 6.0)))
+
+
+def test_ifmr_large_batches_stay_bounded_and_close():
+    """Past max_samples the observer subsamples: memory stays bounded, the result stays close to exact."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 64, 32, generator=gen).abs() for _ in range(4)]
+    exact = ref_ifmr(torch.cat(batches).numpy().ravel(), ActQuantParams(), True)
+    observer = IFMRObserver(ActQuantParams(), True, batch_num=4, max_samples=2 ** 14)
+    for b in batches:
+        observer.observe(b)
+    assert sum(s.numel() for s in observer.samples) <= 2 ** 14
+    data = torch.cat(batches).numpy().ravel()
+    assert quant_mse(data, *observer.compute()) <= 1.02 * quant_mse(data, *exact)
+
+
+def test_observers_name_the_layer_on_bad_batches():
+    for cls in (IFMRObserver, HFMGObserver):
+        observer = cls(ActQuantParams(), True, 1, layer="block.conv")
+        with pytest.raises(ValueError, match="block.conv.*empty"):
+            observer.observe(torch.empty(0))
+        with pytest.raises(ValueError, match="block.conv.*NaN"):
+            observer.observe(torch.tensor([1.0, float("nan")]))
+
+
+def quant_mse(data, lo, hi):
+    scale, offset = ref_act_qparams(lo, hi, True)
+    q = np.clip(np.round(data / scale) + offset, -128, 127)
+    return np.mean(((q - offset) * scale - data) ** 2)
+
+
+def test_hfmg_merges_batches_like_one_histogram():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20000, generator=gen), torch.randn(20000, generator=gen) * 3 + 1
+    merged = HFMGObserver(ActQuantParams(act_algo="hfmg", num_of_bins=1024), True, 2)
+    merged.observe(a)
+    merged.observe(b)
+    whole = np.histogram(torch.cat([a, b]).numpy(), 1024, (merged.lo, merged.hi))[0]
+    assert merged.hist.sum() == pytest.approx(40000)
+    # rebinning spreads counts within bins, so compare smoothed shapes
+    smooth = lambda h: np.convolve(h, np.ones(16), "valid")  # noqa: E731
+    assert np.abs(smooth(merged.hist) - smooth(whole)).max() < 0.05 * smooth(whole).max()
+
+
+def test_hfmg_window_is_near_the_best_on_the_data():
+    """The window HFMG picks from the histogram quantizes the real data almost as well as a brute-force search."""
+    data = torch.from_numpy(np.random.default_rng(0).standard_t(3, 100000).astype(np.float32))  # heavy tails
+    observer = HFMGObserver(ActQuantParams(act_algo="hfmg", num_of_bins=2048), True, 1)
+    observer.observe(data)
+    lo, hi = observer.compute()
+    x = data.numpy()
+    chosen = quant_mse(x, lo, hi)
+    brute = min(quant_mse(x, -c, c) for c in np.linspace(0.5, float(np.abs(x).max()), 200))
+    assert chosen <= 1.1 * brute
+    assert chosen <= quant_mse(x, x.min(), x.max())
+
+
+def test_fold_bn_matches_conv_then_bn():
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False)
+    bn = torch.nn.BatchNorm2d(4, eps=1e-3).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = bn(conv(x))
+        assert fold_bn(conv, bn)
+        np.testing.assert_allclose(conv(x).numpy(), want.numpy(), atol=1e-5)

@@ -1,0 +1,128 @@
+"""The AMCT flow on tiny models: calibration, record, and both ONNX models against the PyTorch simulation."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import openamct as amct
+from openamct.parity import session
+from openamct.record import read_record
+from tiny_models import ConvNet, ExoticNet, convnet, exoticnet
+
+
+def run_flow(tmp_path, model, example, batches, **config_kwargs):
+    os.chdir(tmp_path)
+    amct.create_quant_config("tmp/config.json", model, example, batch_num=len(batches), **config_kwargs)
+    qmodel = amct.quantize_model("tmp/config.json", "tmp/modified_model.onnx", "tmp/record.txt", model, example,
+                                 input_names=["input"], output_names=["output"],
+                                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    with torch.no_grad():
+        for batch in batches:
+            qmodel(batch)
+    report = amct.save_model("tmp/modified_model.onnx", "tmp/record.txt", "out/tiny")
+    return qmodel, report
+
+
+def optimized_ops(path, tmp_path):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("algo", ["ifmr", "hfmg"])
+def test_convnet_flow_parity_and_integer_kernels(tmp_path, algo):
+    torch.manual_seed(0)
+    batches = [ConvNet.example_input(8) for _ in range(2)]
+    cfg = None
+    if algo == "hfmg":
+        cfg = tmp_path / "hfmg.cfg"
+        cfg.write_text("batch_num: 2\ncommon_config { hfmg_quantize { num_of_bins: 1024 } }\n")
+    qmodel, report = run_flow(tmp_path, convnet(), ConvNet.example_input(), batches,
+                              config_defination=str(cfg) if cfg else None)
+    records = read_record("tmp/record.txt")
+    assert set(records) == {"conv1", "dw", "pw", "fc"}
+    assert records["dw"].offset_d == -128  # ReLU6 output: the range starts at 0
+    assert records["dw"].scale_d <= 6.0 / 255 + 1e-9  # and ends at or below 6, so ORT can drop the Clip
+    assert records["pw"].HasField("scale_o")  # feeds the residual add
+    assert len(records["conv1"].scale_w) == 8 and list(records["conv1"].offset_w) == [0] * 8
+
+    for kind, result in report["parity"].items():
+        assert result["ok"], (kind, result)
+    x = ConvNet.example_input(16)
+    with torch.no_grad():
+        want = qmodel(x).numpy()
+    for kind in ("deploy", "fake_quant"):
+        got = session(report["paths"][kind]).run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+
+    deploy = onnx.load(report["paths"]["deploy"])
+    inits = {i.name: numpy_helper.to_array(i) for i in deploy.graph.initializer}
+    assert inits["conv1.weight_quant"].dtype == np.int8 and inits["conv1.bias_quant"].dtype == np.int32
+    assert inits["conv1.quant.zero_point"].dtype == np.uint8
+    assert not any(v.dtype == np.float32 and v.size > 16 for v in inits.values())  # no float weights left
+    ops = optimized_ops(report["paths"]["deploy"], tmp_path)
+    assert ops.count("QLinearConv") == 3 and "QGemm" in ops and "Conv" not in ops
+    producers = {o: n.op_type for n in deploy.graph.node for o in n.output}
+    add = next(n for n in deploy.graph.node if n.op_type == "Add")
+    assert [producers[i] for i in add.input] == ["DequantizeLinear"] * 2  # the residual add reads integers
+    fake_ops = {n.op_type for n in onnx.load(report["paths"]["fake_quant"]).graph.node}
+    assert not fake_ops & {"QuantizeLinear", "DequantizeLinear"} and {"Round", "Clip", "Div"} <= fake_ops
+
+
+def test_fake_quant_weights_and_bias_match_the_record(tmp_path):
+    _, report = run_flow(tmp_path, convnet(), ConvNet.example_input(), [ConvNet.example_input(4)])
+    records = read_record("tmp/record.txt")
+    deploy = {i.name: numpy_helper.to_array(i) for i in onnx.load(report["paths"]["deploy"]).graph.initializer}
+    fake = {i.name: numpy_helper.to_array(i) for i in onnx.load(report["paths"]["fake_quant"]).graph.initializer}
+    scale_w = np.array(records["pw"].scale_w, dtype=np.float32)
+    np.testing.assert_array_equal(fake["pw.weight_fakequant"], deploy["pw.weight_quant"] * scale_w[:, None, None, None])
+    grid = np.float32(records["pw"].scale_d) * scale_w
+    np.testing.assert_allclose(fake["pw.bias_fakequant"], deploy["pw.bias_quant"] * grid, rtol=1e-6)
+    assert np.abs(deploy["pw.weight_quant"]).max() <= 128
+
+
+def test_conv1d_conv3d_convtranspose_flow(tmp_path):
+    torch.manual_seed(0)
+    qmodel, report = run_flow(tmp_path, exoticnet(), ExoticNet.example_input(), [ExoticNet.example_input(8)])
+    assert set(read_record("tmp/record.txt")) == {"c1", "c3", "up", "fc"}
+    assert len(read_record("tmp/record.txt")["up"].scale_w) == 5  # ConvTranspose: per output channel (axis 1)
+    for result in report["parity"].values():
+        assert result["ok"], report
+
+
+def test_skip_layers_stay_float_and_are_logged(tmp_path, caplog):
+    _, report = run_flow(tmp_path, convnet(), ConvNet.example_input(), [ConvNet.example_input(4)],
+                         skip_layers=["fc"])
+    assert set(read_record("tmp/record.txt")) == {"conv1", "dw", "pw"}
+    deploy = onnx.load(report["paths"]["deploy"])
+    assert "fc.weight_quant" not in {i.name for i in deploy.graph.initializer}
+    log = (tmp_path / "amct_log" / "amct_pytorch.log").read_text()
+    assert "Quantize 3 of 4 layers with weights." in log and "fc (Linear): skipped by config" in log
+
+
+def test_unsupported_layers_are_reported_with_reason(tmp_path):
+    class WithLSTM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+            self.fc = torch.nn.Linear(4, 2)
+            self.rnn = torch.nn.GRU(2, 2)
+
+        def forward(self, x):
+            y = self.fc(self.conv(x).mean((2, 3)))
+            return self.rnn(y[None])[0][0]
+
+    os.chdir(tmp_path)
+    amct.create_quant_config("c.json", WithLSTM().eval(), torch.randn(1, 3, 8, 8))
+    qmodel = amct.quantize_model("c.json", "m.onnx", "r.txt", WithLSTM().eval(), torch.randn(1, 3, 8, 8))
+    log = (tmp_path / "amct_log" / "amct_pytorch.log").read_text()
+    assert "conv: not quantized: padding_mode 'reflect'" in log
+    assert "rnn: not quantized: layer type GRU is not supported" in log
+    assert "Quantize 1 of 3 layers with weights." in log
+    assert [n for n, m in qmodel.named_modules() if type(m).__name__ == "QuantLayer"] == ["fc"]

@@ -1,0 +1,71 @@
+"""Tiny models that carry their own example inputs, covering every supported layer kind."""
+import torch
+from torch import nn
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return model.eval()
+
+
+class ConvNet(nn.Module):
+    """conv-BN-ReLU6, depthwise conv-BN-ReLU, pointwise conv with a residual add, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU6()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.dw(x)))
+        x = self.pw(y) + x
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+    @staticmethod
+    def example_input(batch=1):
+        return torch.randn(batch, 3, 16, 16)
+
+
+class ExoticNet(nn.Module):
+    """Conv1d, Conv3d and ConvTranspose2d paths summed into a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.c3 = nn.Conv3d(2, 3, 3, padding=1)
+        self.up = nn.ConvTranspose2d(3, 5, 2, stride=2)
+        self.fc = nn.Linear(6 + 3 + 5, 4)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.c1(x.reshape(x.shape[0], 4, -1)))).mean(2)
+        b = self.c3(x.reshape(x.shape[0], 2, 4, 4, 4)).mean((2, 3, 4))
+        c = self.up(x[:, :48].reshape(x.shape[0], 3, 4, 4)).mean((2, 3))
+        return self.fc(torch.cat([a, b, c], 1))
+
+    @staticmethod
+    def example_input(batch=1):
+        return torch.randn(batch, 128)
+
+
+def convnet() -> ConvNet:
+    torch.manual_seed(0)
+    return _randomize_bn(ConvNet())
+
+
+def exoticnet() -> ExoticNet:
+    torch.manual_seed(0)
+    return _randomize_bn(ExoticNet())
