@@ -65,6 +65,9 @@ def prepare(model: nn.Module, config: QuantConfig, input_data) -> nn.Module:
         wrapped = QuantLayer(layer, config.layers[name], quantizers[info.input_tensor[name]], name,
                              weight_axis(layer), quantizer(output, name) if wants_output else None)
         set_module(qmodel, name, wrapped)
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        qmodel.to(parameter.device)  # the new quantizer buffers follow the model
     qmodel.register_forward_pre_hook(enter_simulation)
     qmodel.register_forward_hook(exit_simulation, always_call=True)
     _log_coverage(config, info)

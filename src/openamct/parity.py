@@ -20,6 +20,11 @@ def session(model, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def _on_device(qmodel, inputs) -> tuple:
+    device = next(qmodel.parameters()).device
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
 def _feeds(sess: ort.InferenceSession, inputs) -> dict:
     return {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
 
@@ -45,7 +50,7 @@ def first_divergent_layer(onnx_model: onnx.ModelProto, mapping: dict, qmodel, in
     hooks = [m.register_forward_hook(keep(name)) for name, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
     try:
         with torch.no_grad():
-            qmodel(*inputs)
+            qmodel(*_on_device(qmodel, inputs))
     finally:
         for h in hooks:
             h.remove()
@@ -65,7 +70,7 @@ def first_divergent_layer(onnx_model: onnx.ModelProto, mapping: dict, qmodel, in
 def check(models: dict, mapping: dict, qmodel, inputs) -> dict:
     """Run each exported model (kind -> ModelProto) in ONNX Runtime and compare with `qmodel` on `inputs`."""
     with torch.no_grad():
-        reference = qmodel(*inputs)
+        reference = qmodel(*_on_device(qmodel, inputs))
     reference = reference.detach().cpu().numpy()
     report = {}
     for kind, model in models.items():
