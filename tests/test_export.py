@@ -126,3 +126,49 @@ def test_unsupported_layers_are_reported_with_reason(tmp_path):
     assert "rnn: not quantized: layer type GRU is not supported" in log
     assert "Quantize 1 of 3 layers with weights." in log
     assert [n for n, m in qmodel.named_modules() if type(m).__name__ == "QuantLayer"] == ["fc"]
+
+
+def test_parity_check_names_the_first_divergent_layer(tmp_path):
+    qmodel, _ = run_flow(tmp_path, convnet(), ConvNet.example_input(), [ConvNet.example_input(8)])
+    qmodel.pw.layer.weight.data[:, :4] *= 3  # the simulation no longer matches the exported files from 'pw' on
+    report = amct.save_model("tmp/modified_model.onnx", "tmp/record.txt", "out/again")
+    for kind in ("deploy", "fake_quant"):
+        assert not report["parity"][kind]["ok"]
+        assert report["parity"][kind]["first_divergent_layer"] == "pw"
+    assert "first divergent layer: pw" in (tmp_path / "amct_log" / "amct_pytorch.log").read_text()
+
+
+def test_model_that_fx_cannot_trace(tmp_path):
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if float(y.mean()) > 100:  # Python control flow on data: torch.fx.symbolic_trace fails here
+                y = -y
+            return self.fc(y.mean((2, 3)))
+
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(DataDependent())
+    torch.manual_seed(0)
+    _, report = run_flow(tmp_path, DataDependent().eval(), torch.randn(1, 3, 8, 8), [torch.randn(4, 3, 8, 8)])
+    assert set(read_record("tmp/record.txt")) == {"conv", "fc"}
+    assert all(r["ok"] for r in report["parity"].values())
+
+
+def test_log_line_format_and_levels(tmp_path):
+    import subprocess
+    import sys
+    script = ("import openamct.log as log; log.info('hello', 'Utils'); log.debug('quiet', 'Utils')")
+    src = os.path.dirname(os.path.dirname(amct.__file__))
+    env = dict(os.environ, AMCT_LOG_LEVEL="error", AMCT_LOG_FILE_LEVEL="info", PYTHONPATH=src)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == ""  # console at error level: nothing printed
+    lines = (tmp_path / "amct_log" / "amct_pytorch.log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(" - INFO - [AMCT]:[Utils]: hello")
+    env["AMCT_LOG_LEVEL"] = "loud"
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "AMCT_LOG_LEVEL='loud'" in run.stderr

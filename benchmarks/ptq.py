@@ -1,0 +1,284 @@
+"""PTQ benchmark: openamct (IFMR, HFMG) against ONNX Runtime's quantize_static on EfficientNet-Lite0.
+
+Run by hand (not in CI), e.g. ``python benchmarks/ptq.py --out /tmp/ptqbench``.  Calibrates on the first
+``--calib`` images (``--batch-num`` batches), evaluates on the first ``--eval``, and prints/writes one table:
+accuracy and top-1 agreement of every model, calibration time and peak RSS, ORT latency and integer-op counts.
+Each openamct calibration runs in a spawned child so that its peak RSS (ru_maxrss) is its own, as ORT's
+quantization does in ortbaseline.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import openamct as amct  # noqa: E402
+from openamct.data import Accuracy, ImageLoader, LabelledImages  # noqa: E402
+from openamct.models import MODELS  # noqa: E402
+from ortbaseline import (INTEGER_OP_TYPES, integer_ops, ort_latency, ort_predict,  # noqa: E402
+                         ort_quantize_static, ort_session)
+
+MODEL = "efficientnet_lite0"
+IO = dict(input_names=["input"], output_names=["output"],
+          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+HFMG_CFG = "batch_num: {n}\ncommon_config {{ hfmg_quantize {{ num_of_bins: 4096 }} }}\n"
+
+
+def rss_mb() -> float:
+    """Peak RSS of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_images(data: Path, n: int):
+    spec = MODELS[MODEL]
+    dataset = LabelledImages(data / "images", spec.preprocess, labels=data / "synsets.txt", limit=n)
+    xs, ys = zip(*ImageLoader(dataset, batch_size=32, workers=2))
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+
+def predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Logits of a torch module or an ORT InferenceSession on ``images``."""
+    if isinstance(model, torch.nn.Module):
+        with torch.no_grad():
+            return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))).numpy()
+                                   for i in range(0, len(images), batch)])
+    return ort_predict(model, images, batch)
+
+
+def evaluate(model, images, labels, refs: dict | None = None) -> dict:
+    """top-1/top-5 (%) and top-1 agreement (%) with each reference logits array in ``refs``."""
+    logits = predict(model, images)
+    acc = Accuracy()
+    acc.update(logits, labels)
+    res = {"top1": 100 * acc.top1, "top5": 100 * acc.top5, "logits": logits}
+    for name, ref in (refs or {}).items():
+        res[f"agree_{name}"] = agree(logits, ref)
+    return res
+
+
+def agree(a: np.ndarray, b: np.ndarray) -> float:
+    return 100 * float((a.argmax(1) == b.argmax(1)).mean())
+
+
+# ---------------------------------------------------------------- openamct calibration (in a child process)
+
+def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n_eval: int, work: str) -> None:
+    """Child body: config, quantize_model + batch_num batches (timed), save_model, PyTorch-simulation logits."""
+    torch.set_num_threads(2)
+    os.environ.setdefault("AMCT_LOG_LEVEL", "warning")  # console; amct_log/ in `work` keeps info
+    os.chdir(work)
+    model = MODELS[MODEL].build(None)
+    base = rss_mb()
+    images = np.load(images_path, mmap_mode="r")
+    x0 = torch.from_numpy(np.ascontiguousarray(images[:1]))
+    cfg = None
+    if algo == "hfmg":
+        cfg = os.path.join(work, "hfmg.cfg")
+        Path(cfg).write_text(HFMG_CFG.format(n=batch_num))
+    t0 = time.perf_counter()
+    amct.create_quant_config("config.json", model, x0, batch_num=batch_num, config_defination=cfg)
+    t1 = time.perf_counter()
+    qmodel = amct.quantize_model("config.json", "modified_model.onnx", "record.txt", model, x0, **IO)
+    step = n_calib // batch_num
+    with torch.no_grad():
+        for i in range(batch_num):
+            qmodel(torch.from_numpy(np.ascontiguousarray(images[i * step:(i + 1) * step])))
+    t2 = time.perf_counter()
+    peak = rss_mb()
+    report = amct.save_model("modified_model.onnx", "record.txt", os.path.join(work, algo))
+    np.save("sim_logits.npy", predict(qmodel, images[:n_eval]))
+    Path("result.json").write_text(json.dumps({
+        "config_s": t1 - t0, "calib_s": t2 - t1, "base_rss_mb": base, "peak_rss_mb": peak,
+        "child_peak_rss_mb": rss_mb(), "paths": report["paths"], "parity": report["parity"]}))
+
+
+def run_calibration(algo: str, images_path: str, args, out: Path) -> dict:
+    work = out / algo
+    work.mkdir(parents=True, exist_ok=True)
+    proc = mp.get_context("spawn").Process(
+        target=calibrate_child, args=(algo, images_path, args.calib, args.batch_num, args.eval, str(work)))
+    t0 = time.perf_counter()
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"{algo} calibration child failed (exit code {proc.exitcode})")
+    res = json.loads((work / "result.json").read_text())
+    res["child_wall_s"] = time.perf_counter() - t0
+    return res
+
+
+class MemoryWatchdog(threading.Thread):
+    """Kills (by pid) any direct child of this process whose RSS exceeds ``limit_mb``; remembers which."""
+
+    def __init__(self, limit_mb: float):
+        super().__init__(daemon=True)
+        self.limit_mb, self.killed = limit_mb, []
+
+    def run(self):
+        while True:
+            for pid in self._children():
+                try:
+                    rss = int(next(line for line in open(f"/proc/{pid}/status")
+                                   if line.startswith("VmRSS")).split()[1]) / 1024
+                except (OSError, StopIteration):
+                    continue
+                if rss > self.limit_mb:
+                    self.killed.append((pid, rss))
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+
+    @staticmethod
+    def _children():
+        for task in os.listdir("/proc/self/task"):
+            try:
+                yield from map(int, open(f"/proc/self/task/{task}/children").read().split())
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(v, spec=".1f"):
+    return "" if v is None else format(v, spec)
+
+
+def markdown(results: dict) -> str:
+    cols = ["model", "top-1 %", "top-5 %", "agree FP32 %", "agree sim %", "calib/quant s", "peak RSS MB",
+            "base RSS MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, r in results["rows"].items():
+        cells = [name, fmt(r.get("top1")), fmt(r.get("top5")), fmt(r.get("agree_fp32")), fmt(r.get("agree_sim")),
+                 fmt(r.get("seconds")), fmt(r.get("peak_rss_mb"), ".0f"), fmt(r.get("base_rss_mb"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if results.get("latency"):
+        lines += ["", "ORT latency, 2 threads, median ms per batch (interleaved rounds)", "",
+                  "| batch | " + " | ".join(results["latency"]["models"]) + " | FP32/ours | ORT/ours |",
+                  "|---|" + "---|" * (len(results["latency"]["models"]) + 2)]
+        for b, ms in results["latency"]["ms"].items():
+            lines.append(f"| {b} | " + " | ".join(f"{v:.1f}" for v in ms.values())
+                         + f" | {ms['fp32'] / ms['ours_ifmr']:.2f} | {ms['ort_best'] / ms['ours_ifmr']:.2f} |")
+    if results.get("ops"):
+        lines += ["", "Op counts after ORT level-ALL optimisation (integer ops; float Conv/MatMul/Gemm)", ""]
+        for name, ops in results["ops"].items():
+            ints = {k: v for k, v in ops.items() if k in INTEGER_OP_TYPES}
+            flts = {k: v for k, v in ops.items() if k in ("Conv", "FusedConv", "MatMul", "Gemm", "FusedGemm")}
+            lines.append(f"- {name}: integer {sum(ints.values())} {ints}; float {flts}; all {dict(ops)}")
+    if results.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imagenet-sample",
+                   help="folder with images/ and synsets.txt")
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--batch-num", type=int, default=8)
+    p.add_argument("--eval", type=int, default=800)
+    p.add_argument("--algos", default="ifmr,hfmg")
+    p.add_argument("--ort-methods", default="MinMax,Percentile")
+    p.add_argument("--rounds", type=int, default=7, help="latency rounds (after 2 warm-up rounds)")
+    p.add_argument("--out", type=Path, default=Path("/tmp/ptqbench"))
+    p.add_argument("--skip-ort", action="store_true", help="skip ORT's quantize_static baselines")
+    p.add_argument("--mem-limit-gb", type=float, default=20.0, help="kill a child process beyond this RSS")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    watchdog = MemoryWatchdog(args.mem_limit_gb * 1024)
+    watchdog.start()
+    rows, notes = {}, []
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "notes": notes}
+
+    images, labels = load_images(args.data, max(args.calib, args.eval))
+    images_path = str(out / "images.npy")
+    np.save(images_path, images)
+    ev_x, ev_y = images[:args.eval], labels[:args.eval]
+    print(f"{len(images)} images loaded; calibrating on {args.calib}, evaluating on {len(ev_x)}", flush=True)
+
+    model = MODELS[MODEL].build(None)
+    fp32 = evaluate(model, ev_x, ev_y)
+    ref = {"fp32": fp32["logits"]}
+    rows["FP32 PyTorch"] = fp32
+    fp32_onnx = str(out / "fp32.onnx")
+    torch.onnx.export(model, torch.from_numpy(ev_x[:1].copy()), fp32_onnx, dynamo=False, opset_version=17, **IO)
+    rows["FP32 ONNX (ORT)"] = evaluate(ort_session(fp32_onnx), ev_x, ev_y, ref)
+    del model
+
+    deploy = {}
+    for algo in [a for a in args.algos.split(",") if a]:
+        print(f"calibrating openamct {algo} ...", flush=True)
+        c = run_calibration(algo, images_path, args, out)
+        sim = np.load(out / algo / "sim_logits.npy")
+        acc = Accuracy()
+        acc.update(sim, ev_y)
+        rows[f"{algo.upper()} PyTorch sim"] = {
+            "top1": 100 * acc.top1, "top5": 100 * acc.top5, "agree_fp32": agree(sim, ref["fp32"]),
+            "seconds": c["calib_s"], "peak_rss_mb": c["peak_rss_mb"], "base_rss_mb": c["base_rss_mb"], "calib": c}
+        for kind in ("fake_quant", "deploy"):
+            rows[f"{algo.upper()} {kind} ONNX (ORT)"] = evaluate(
+                ort_session(c["paths"][kind]), ev_x, ev_y, {**ref, "sim": sim})
+        deploy[algo] = c["paths"]["deploy"]
+        for kind, par in (c["parity"] or {}).items():
+            if not par["ok"]:
+                notes.append(f"{algo} {kind}: save_model parity NOT ok: {par}")
+
+    ort_models = {}
+    if not args.skip_ort:
+        for method in [m for m in args.ort_methods.split(",") if m]:
+            print(f"ORT quantize_static {method} ...", flush=True)
+            path = str(out / f"ort_{method.lower()}.onnx")
+            try:
+                q = ort_quantize_static(fp32_onnx, images[:args.calib], path, method)
+            except RuntimeError as e:
+                killed = [k for k in watchdog.killed]
+                notes.append(f"ORT {method} failed{' (killed by the memory watchdog: ' + str(killed) + ')' if killed else ''}: "
+                             f"{str(e).splitlines()[0]}")
+                watchdog.killed.clear()
+                continue
+            r = evaluate(ort_session(path), ev_x, ev_y, ref)
+            r.update(seconds=q["seconds"], peak_rss_mb=q["peak_rss_mb"], base_rss_mb=q["child_base_rss_mb"], quant=q)
+            rows[f"ORT {method}"] = r
+            ort_models[method] = path
+
+    if "ifmr" in deploy:
+        paths = {"fp32": fp32_onnx, "ours_ifmr": deploy["ifmr"]}
+        if ort_models:
+            best = max(ort_models, key=lambda m: (rows[f"ORT {m}"]["top1"], rows[f"ORT {m}"]["top5"]))
+            paths["ort_best"] = ort_models[best]
+            notes.append(f"ort_best = ORT {best}")
+        else:
+            paths["ort_best"] = fp32_onnx
+            notes.append("no ORT model: ort_best column is FP32 again")
+        print("measuring latency ...", flush=True)
+        results["latency"] = {"models": list(paths), "ms": {
+            b: ort_latency(paths, b, threads=2, rounds=args.rounds) for b in (1, 32)}}
+    results["ops"] = {f"ours_{a}": dict(integer_ops(p)) for a, p in deploy.items()}
+    results["ops"].update({f"ort_{m}": dict(integer_ops(p)) for m, p in ort_models.items()})
+
+    for r in rows.values():
+        r.pop("logits", None)
+    table = markdown(results)
+    print("\n" + table)
+    (out / "ptq_results.md").write_text(table)
+    (out / "ptq_results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
