@@ -37,13 +37,28 @@ def _static_batch(model_path: str, input_name: str):
     raise KeyError(f"input {input_name!r} not in {model_path}")
 
 
+def proc_mem_mb(field: str = "VmHWM") -> float | None:
+    """This process's ``VmHWM`` (peak RSS) or ``VmRSS`` in MB from /proc/self/status; None off Linux.
+
+    Unlike ``ru_maxrss``, VmHWM belongs to the current address space only: Linux carries the
+    parent's RSS at fork time over into a child's ru_maxrss across exec, so a child started from a
+    big process (e.g. one holding a model and a data set) reports at least the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def _quantize_child(args: dict) -> dict:
     """Body of the child process: pre-process, then quantize_static (QDQ)."""
-    import resource
-
     import onnxruntime.quantization as oq
 
-    base_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    base_rss_mb = proc_mem_mb()
     calib = np.load(args["calib"], mmap_mode="r")
     src, out, name = args["src"], args["out"], args["input_name"]
     fixed = _static_batch(src, name)  # also checks the input name, before any file is written
@@ -90,7 +105,7 @@ def _quantize_child(args: dict) -> dict:
         if os.path.exists(pre):
             os.remove(pre)
     seconds = time.perf_counter() - t0
-    info.update(seconds=seconds, calib_batch=batch, child_base_rss_mb=base_rss_mb)
+    info.update(seconds=seconds, calib_batch=batch, child_base_rss_mb=base_rss_mb, child_vm_hwm_mb=proc_mem_mb())
     return info
 
 
@@ -123,12 +138,14 @@ def ort_quantize_static(fp32_onnx: str, calib: np.ndarray, out_path: str, method
 
     Returns {"path", "seconds", "peak_rss_mb", ...}: ``seconds`` is the
     pre-process+quantize time measured inside the child (no interpreter
-    start-up); ``peak_rss_mb`` is the child's ru_maxrss.  It is read with
-    ``os.wait4`` on that child, which is the same number
-    ``getrusage(RUSAGE_CHILDREN)`` gives for a first child but, unlike it, is
-    not a running max over all earlier children.  Extra keys: preprocessed,
-    preprocess_error, calib_batch, child_base_rss_mb (RSS after imports),
-    wall_seconds (including the child's start-up).
+    start-up); ``peak_rss_mb`` is the child's own peak RSS (VmHWM, read by
+    the child at its end, see proc_mem_mb).  ``ru_maxrss_mb`` is the child's
+    ru_maxrss from ``os.wait4``, kept for reference: on Linux it is never
+    below this (the caller's) process's RSS when the child was started, so
+    it overstates the child when the caller is big; it is the fallback for
+    peak_rss_mb where /proc is missing.  Extra keys: preprocessed,
+    preprocess_error, calib_batch, child_base_rss_mb (peak RSS after
+    imports), wall_seconds (including the child's start-up).
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -163,8 +180,10 @@ def ort_quantize_static(fp32_onnx: str, calib: np.ndarray, out_path: str, method
             info = json.load(f)
 
     # ru_maxrss is in KiB on Linux
-    return {"path": out_path, "seconds": info.pop("seconds"),
-            "peak_rss_mb": usage.ru_maxrss / 1024.0, "wall_seconds": wall, **info}
+    ru_maxrss_mb = usage.ru_maxrss / 1024.0
+    peak = info.pop("child_vm_hwm_mb") or ru_maxrss_mb
+    return {"path": out_path, "seconds": info.pop("seconds"), "peak_rss_mb": peak,
+            "ru_maxrss_mb": ru_maxrss_mb, "wall_seconds": wall, **info}
 
 
 # --------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Run by hand (not in CI), e.g. ``python benchmarks/ptq.py --out /tmp/ptqbench``.  Calibrates on the first
 ``--calib`` images (``--batch-num`` batches), evaluates on the first ``--eval``, and prints/writes one table:
 accuracy and top-1 agreement of every model, calibration time and peak RSS, ORT latency and integer-op counts.
-Each openamct calibration runs in a spawned child so that its peak RSS (ru_maxrss) is its own, as ORT's
-quantization does in ortbaseline.py.
+Each openamct calibration runs in a spawned child so that its peak RSS is its own, as ORT's quantization
+does in ortbaseline.py; the peak is the child's VmHWM (ru_maxrss would include this process's RSS at the fork).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import signal
 import sys
 import threading
@@ -30,17 +29,12 @@ import openamct as amct  # noqa: E402
 from openamct.data import Accuracy, ImageLoader, LabelledImages  # noqa: E402
 from openamct.models import MODELS  # noqa: E402
 from ortbaseline import (INTEGER_OP_TYPES, integer_ops, ort_latency, ort_predict,  # noqa: E402
-                         ort_quantize_static, ort_session)
+                         ort_quantize_static, ort_session, proc_mem_mb)
 
 MODEL = "efficientnet_lite0"
 IO = dict(input_names=["input"], output_names=["output"],
           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
 HFMG_CFG = "batch_num: {n}\ncommon_config {{ hfmg_quantize {{ num_of_bins: 4096 }} }}\n"
-
-
-def rss_mb() -> float:
-    """Peak RSS of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def load_images(data: Path, n: int):
@@ -54,7 +48,7 @@ def predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """Logits of a torch module or an ORT InferenceSession on ``images``."""
     if isinstance(model, torch.nn.Module):
         with torch.no_grad():
-            return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))).numpy()
+            return np.concatenate([model(torch.from_numpy(np.array(images[i:i + batch]))).numpy()
                                    for i in range(0, len(images), batch)])
     return ort_predict(model, images, batch)
 
@@ -82,9 +76,9 @@ def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")  # console; amct_log/ in `work` keeps info
     os.chdir(work)
     model = MODELS[MODEL].build(None)
-    base = rss_mb()
+    base = proc_mem_mb()
     images = np.load(images_path, mmap_mode="r")
-    x0 = torch.from_numpy(np.ascontiguousarray(images[:1]))
+    x0 = torch.from_numpy(np.array(images[:1]))
     cfg = None
     if algo == "hfmg":
         cfg = os.path.join(work, "hfmg.cfg")
@@ -96,14 +90,16 @@ def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n
     step = n_calib // batch_num
     with torch.no_grad():
         for i in range(batch_num):
-            qmodel(torch.from_numpy(np.ascontiguousarray(images[i * step:(i + 1) * step])))
+            qmodel(torch.from_numpy(np.array(images[i * step:(i + 1) * step])))
     t2 = time.perf_counter()
-    peak = rss_mb()
+    peak = proc_mem_mb()
     report = amct.save_model("modified_model.onnx", "record.txt", os.path.join(work, algo))
+    t3, save_peak = time.perf_counter(), proc_mem_mb()
     np.save("sim_logits.npy", predict(qmodel, images[:n_eval]))
     Path("result.json").write_text(json.dumps({
-        "config_s": t1 - t0, "calib_s": t2 - t1, "base_rss_mb": base, "peak_rss_mb": peak,
-        "child_peak_rss_mb": rss_mb(), "paths": report["paths"], "parity": report["parity"]}))
+        "config_s": t1 - t0, "calib_s": t2 - t1, "base_rss_mb": base, "peak_rss_mb": peak, "save_s": t3 - t2,
+        "save_peak_rss_mb": save_peak, "child_peak_rss_mb": proc_mem_mb(), "paths": report["paths"],
+        "parity": report["parity"]}))
 
 
 def run_calibration(algo: str, images_path: str, args, out: Path) -> dict:
@@ -235,6 +231,8 @@ def main():
             rows[f"{algo.upper()} {kind} ONNX (ORT)"] = evaluate(
                 ort_session(c["paths"][kind]), ev_x, ev_y, {**ref, "sim": sim})
         deploy[algo] = c["paths"]["deploy"]
+        notes.append(f"{algo}: create_quant_config {c['config_s']:.1f} s; save_model {c['save_s']:.1f} s, peak RSS "
+                     f"through save_model {c['save_peak_rss_mb']:.0f} MB (the table's peak is through calibration)")
         for kind, par in (c["parity"] or {}).items():
             if not par["ok"]:
                 notes.append(f"{algo} {kind}: save_model parity NOT ok: {par}")
@@ -247,9 +245,8 @@ def main():
             try:
                 q = ort_quantize_static(fp32_onnx, images[:args.calib], path, method)
             except RuntimeError as e:
-                killed = [k for k in watchdog.killed]
-                notes.append(f"ORT {method} failed{' (killed by the memory watchdog: ' + str(killed) + ')' if killed else ''}: "
-                             f"{str(e).splitlines()[0]}")
+                why = f" (killed by the memory watchdog: {watchdog.killed})" if watchdog.killed else ""
+                notes.append(f"ORT {method} failed{why}: {str(e).splitlines()[0]}")
                 watchdog.killed.clear()
                 continue
             r = evaluate(ort_session(path), ev_x, ev_y, ref)

@@ -1,0 +1,131 @@
+"""samples/resnet101: AMCT's ResNet-101 calibration sample run as a user runs it (subprocess, cwd = sample root).
+
+The model file is a random state dict with the real ResNet-101 keys and the images are 2 of the shared sample, so
+the run takes about a minute on 2 CPU cores; the accuracies are not meaningful, the layout and the lines are.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SAMPLE_DIR
+from openamct.models.resnet import ResNet101
+
+REPO = Path(__file__).parents[1]
+SAMPLE = REPO / "samples" / "resnet101"
+SCRIPT = SAMPLE / "src" / "resnet-101_calibration.py"
+IMAGES = {"n01440764_tench.JPEG": 0, "n01443537_goldfish.JPEG": 1}
+NUMBER = r"\s*[0-9.]+"
+
+
+def _run(root, *args, timeout=600):
+    # one thread: two OpenMP threads competing with other jobs on a shared 2-core machine run up to 8x slower
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _add_images(root):
+    images = root / "data" / "images"
+    images.mkdir(parents=True)
+    for name in IMAGES:
+        shutil.copy(SAMPLE_DIR / "images" / name, images / name)
+    (images / "image_label.txt").write_text("".join(f"{name} {label}\n" for name, label in IMAGES.items()))
+
+
+def _add_model(root):
+    (root / "model").mkdir()
+    torch.manual_seed(0)
+    torch.save(ResNet101().state_dict(), root / "model" / "resnet101-5d3b4d8f.pth")
+
+
+def _add_configs(root):
+    shutil.copytree(SAMPLE / "src" / "nuq_conf", root / "src" / "nuq_conf")
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resnet101")
+    _add_images(root)
+    _add_model(root)
+    _add_configs(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def calibration(sample_root):
+    return _run(sample_root)
+
+
+def test_sample_layout_is_amct_s():
+    for relative in ("README.md", "src/resnet-101_calibration.py", "src/resnet.py", "src/nuq_conf/nuq_quant.cfg",
+                     "src/retrain_conf/retrain.cfg", "model/README.md", "data/images/README.md"):
+        assert (SAMPLE / relative).is_file(), relative
+    readme = (SAMPLE / "README.md").read_text()
+    assert "https://download.pytorch.org/models/resnet101-5d3b4d8f.pth" in readme
+    assert "CUDA_VISIBLE_DEVICES=0 python ./src/resnet-101_calibration.py" in readme and "--nuq" in readme
+    assert "image_label.txt" in readme and "[INFO] ResNet101 after quantize  top1:" in readme
+
+
+def test_calibration_writes_amct_outputs(calibration, sample_root):
+    assert calibration.returncode == 0, calibration.stderr[-3000:]
+    outputs = sample_root / "outputs" / "calibration"
+    for relative in ("tmp/config.json", "tmp/record.txt", "tmp/modified_model.onnx",
+                     "resnet-101_deploy_model.onnx", "resnet-101_fake_quant_model.onnx"):
+        assert (outputs / relative).is_file(), relative
+    assert "layer4.2.conv3" in (outputs / "tmp" / "record.txt").read_text()
+    log = (sample_root / "amct_log" / "amct_pytorch.log").read_text()
+    for kind in ("deploy", "fake_quant"):
+        path = os.path.realpath(outputs / f"resnet-101_{kind}_model.onnx")
+        assert f"INFO - [AMCT]:[Utils]: The model file is saved in {path}" in log
+        assert f"The model file is saved in {path}" in calibration.stderr  # the console, as in AMCT's README
+
+
+def test_calibration_prints_amct_lines(calibration):
+    assert calibration.returncode == 0, calibration.stderr[-3000:]
+    lines = calibration.stdout.splitlines()
+    before = [line for line in lines if line.startswith("[INFO] ResNet101 before quantize top1:")]
+    after = [line for line in lines if line.startswith("[INFO] ResNet101 after quantize  top1:")]
+    assert len(before) == len(after) == 1, calibration.stdout
+    for line in before + after:
+        assert re.fullmatch(r"\[INFO\] ResNet101 (before|after) quantize  ?top1:(.{10}) top5:(.{10})", line), line
+        assert re.search(rf"top1:{NUMBER} top5:{NUMBER}$", line), line
+    # FP32: 1 batch (2 images); calibration: 2 batches of 1 image; fake-quant ONNX: 1 batch
+    assert lines.count("****************iteration:0*****************") == 3
+    assert lines.count("****************iteration:1*****************") == 1
+    assert sum(line.startswith("******final top1:") for line in lines) == 3
+
+
+def test_nuq_is_refused_clearly(sample_root):
+    result = _run(sample_root, "--nuq", timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "NUQ is not available yet in openamct" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (sample_root / "outputs" / "nuq" / "resnet-101_deploy_model.onnx").exists()
+
+
+def test_missing_model_file_says_what_to_download(tmp_path):
+    _add_images(tmp_path)
+    result = _run(tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "https://download.pytorch.org/models/resnet101-5d3b4d8f.pth" in result.stderr
+    assert str(tmp_path / "model" / "resnet101-5d3b4d8f.pth") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_images_say_where_they_go(tmp_path):
+    result = _run(tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "image_label.txt" in result.stderr and str(tmp_path / "data" / "images") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_argument_is_rejected(tmp_path):
+    result = _run(tmp_path, "--calibration-batches", "3", timeout=300)
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
