@@ -274,6 +274,8 @@ def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
             raise ConfigError(f"{path}:{_line_of(text, entry.layer_type)}: override_layer_types layer_type "
                               f"'{entry.layer_type}' matches no layer (types here: {sorted(all_types)})")
 
+    if message.HasField("nuq_config"):
+        at("num_steps", lambda: _nuq_params(message.nuq_config.nuq_quantize, WeightQuantParams()))
     common = at("common_config", lambda: _params_from_proto(LayerConfig(), message.common_config))
     layers = {}
     for name, types in layer_types.items():
