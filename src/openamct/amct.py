@@ -4,14 +4,18 @@
 the native API in api.py.
 """
 import os
+import tempfile
 import weakref
 
+import numpy as np
 import torch
+from onnx import numpy_helper
 
-from . import log
+from . import log, nuq
 from .api import default_config, prepare, convert, quant_layers, records, is_calibrated
-from .config import config_from_cfg, load_json
-from .export import build_quantized, export_fused, read_fused
+from .config import (NUQ_TYPES, ConfigError, LayerConfig, QuantConfig, config_from_cfg, load_json, nuq_size_rule,
+                     parse_cfg)
+from .export import build_quantized, export_fused, layer_codes, read_fused
 from .fileio import write_bytes, write_text
 from .graph import inspect_model
 from .parity import check
@@ -26,12 +30,43 @@ def create_quant_config(config_file, model, input_data, skip_layers=None, batch_
     """Write the per-layer JSON config for `model`; with `config_defination` (a .cfg) the other options come from it."""
     if config_defination:
         info = inspect_model(model, input_data)
-        config = config_from_cfg(config_defination, info.layers)
+        config = config_from_cfg(config_defination, info.layers, _nuq_layers(config_defination, model, input_data, info))
     else:
         config = default_config(model, input_data, skip_layers=tuple(skip_layers or ()), batch_num=batch_num,
                                 activation_offset=activation_offset)
     config.save(config_file)
     log.info(f"Create quant config file {os.path.realpath(config_file)} success.", "Config")
+
+
+def _nuq_layers(cfg_path, model, input_data, info) -> set:
+    """The layers a cfg's `nuq_config` applies to: those its ATC mapping file flags `_fe_weight_compress`
+    (matched by layer name or by the node name in our exported model), else Conv2d/Linear layers above a size."""
+    message = parse_cfg(cfg_path)
+    if not message.HasField("nuq_config"):
+        return set()
+    sizes = {name: model.get_submodule(name).weight.numel() for name, types in info.layers.items()
+             if set(types) & set(NUQ_TYPES)}
+    mapping_file = message.nuq_config.mapping_file
+    if not mapping_file:
+        threshold = nuq_size_rule(message.nuq_config.nuq_quantize.num_steps)
+        chosen = {name for name, size in sizes.items() if size >= threshold}
+        log.info(f"NUQ: no mapping_file, so {len(chosen)} Conv2d/Linear layers with at least {threshold} weights "
+                 f"get non-uniform weights.", "NUQ")
+        return chosen
+    try:
+        flagged = nuq.flagged_names(mapping_file)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    qmodel = prepare(model, QuantConfig(layers={name: LayerConfig() for name in info.layers}), input_data)
+    with tempfile.TemporaryDirectory() as tmp:
+        nodes = {name: entry["node"] for name, entry in
+                 export_fused(qmodel, os.path.join(tmp, "names.onnx"), input_data).items()}
+    chosen = {name for name in sizes if name in flagged or nodes.get(name) in flagged}
+    if not chosen:
+        raise ConfigError(f"{mapping_file}: flags no Conv2d/Linear layer of this model as compressible "
+                          f"(_fe_weight_compress); {len(flagged)} flagged names, e.g. {sorted(flagged)[:3]}")
+    log.info(f"NUQ: {len(chosen)} layers flagged compressible in {mapping_file}.", "NUQ")
+    return chosen
 
 
 def _capture_sample(module, args):
@@ -81,7 +116,8 @@ def save_quantized(fused_path, record_file, save_path, qmodel=None, input_data=N
     for kind, path in paths.items():
         write_bytes(path, models[kind].SerializeToString())
         log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
-    report = {"paths": paths, "parity": None}
+    report = {"paths": paths, "parity": None, "weight_bytes": _write_nuq(fused_path, mapping, records_, directory,
+                                                                         stem, paths)}
     if qmodel is not None:
         sample = getattr(qmodel, "openamct_sample", None) or (
             input_data if isinstance(input_data, tuple) else (input_data,))
@@ -96,6 +132,36 @@ def save_quantized(fused_path, record_file, save_path, qmodel=None, input_data=N
             else:
                 log.warning(message + f"; first divergent layer: {result['first_divergent_layer']}", "Parity")
     return report
+
+
+def _write_nuq(fused_path, mapping, records_, directory, stem, paths) -> dict | None:
+    """For NUQ layers: write `<prefix>_nuq_weights.npz` (packed indices + codebooks) and log weight bytes."""
+    nuq_layers = [name for name in mapping if len(records_[name].nuq_levels)]
+    if not nuq_layers:
+        return None
+    fused, _ = read_fused(fused_path)
+    inits = {i.name: i for i in fused.graph.initializer}
+    packed, table = {}, {}
+    for name, entry in mapping.items():
+        weight = numpy_helper.to_array(inits[entry["weight"]])
+        codes = layer_codes(entry, records_[name], weight).astype(np.int8)
+        if name in nuq_layers:
+            levels = np.asarray(records_[name].nuq_levels, dtype=np.int8).reshape(-1, entry["num_steps"])
+            packed[name] = nuq.pack(codes, levels if levels.shape[0] > 1 else levels[0])
+        table[name] = {"fp32": 4 * weight.size, "int8": weight.size,
+                       "nuq_packed": nuq.packed_bytes(packed[name]) if name in packed else weight.size}
+    path = os.path.join(directory or ".", f"{stem}nuq_weights.npz")
+    nuq.write_packed(path, packed)
+    paths["nuq_weights"] = path
+    log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
+    for name, row in table.items():
+        log.info(f"  {name}: weight bytes fp32 {row['fp32']}, int8 {row['int8']}, nuq packed {row['nuq_packed']}",
+                 "NUQ")
+    total = {key: sum(row[key] for row in table.values()) for key in ("fp32", "int8", "nuq_packed")}
+    log.info(f"Weight bytes of the quantized layers: fp32 {total['fp32']}, uniform int8 {total['int8']}, "
+             f"nuq packed {total['nuq_packed']} ({total['nuq_packed'] / total['int8']:.3f} of int8; "
+             f"{len(nuq_layers)} of {len(table)} layers NUQ)", "NUQ")
+    return {"layers": table, "total": total}
 
 
 def save_model(modified_onnx_file, record_file, save_path):

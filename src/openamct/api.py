@@ -102,6 +102,7 @@ def convert(qmodel: nn.Module) -> nn.Module:
                 log.info(f"Use {quantizer.batches_seen} batch to do layer {name} data calibration.",
                          quantizer.params.act_algo.upper())
                 quantizer.finish()
+        layer.finish_weights()
     return qmodel
 
 

@@ -17,7 +17,8 @@ from .fileio import write_text
 from .proto import calibration_config_pytorch_pb2 as calib_pb2
 
 ACT_ALGOS = ("ifmr", "hfmg")
-WTS_ALGOS = ("arq_quantize",)
+WTS_ALGOS = ("arq_quantize", "nuq_quantize")
+CODEBOOKS = ("layer", "channel")
 HFMG_BINS = (1024, 2048, 4096, 8192)
 
 
@@ -71,13 +72,26 @@ class WeightQuantParams:
     num_bits: int = 8
     wts_algo: str = "arq_quantize"
     channel_wise: bool = True
+    num_steps: int = 32           # nuq_quantize: levels per codebook
+    num_of_iteration: int = 1     # nuq_quantize: accepted for AMCT configs; the level search here is exact
+    codebook: str = "layer"       # nuq_quantize: one codebook per "layer" or per output "channel"
 
     def __post_init__(self):
         _check(self.num_bits in (4, 6, 7, 8), "weight_quant_params.num_bits", self.num_bits, "4, 6, 7 or 8")
         _check(self.wts_algo in WTS_ALGOS, "weight_quant_params.wts_algo", self.wts_algo, " or ".join(WTS_ALGOS))
+        if self.wts_algo == "nuq_quantize":
+            _check(isinstance(self.num_steps, int) and 2 <= self.num_steps <= min(256, 2 ** self.num_bits - 1),
+                   "weight_quant_params.num_steps", self.num_steps,
+                   f"an integer in 2..{min(256, 2 ** self.num_bits - 1)} (fewer levels than the INT{self.num_bits} grid)")
+            _check(isinstance(self.num_of_iteration, int) and self.num_of_iteration >= 0,
+                   "weight_quant_params.num_of_iteration", self.num_of_iteration, "an integer >= 0")
+            _check(self.codebook in CODEBOOKS, "weight_quant_params.codebook", self.codebook, " or ".join(CODEBOOKS))
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {"num_bits": self.num_bits, "wts_algo": self.wts_algo, "channel_wise": self.channel_wise}
+        if self.wts_algo == "nuq_quantize":
+            out.update(num_steps=self.num_steps, num_of_iteration=self.num_of_iteration, codebook=self.codebook)
+        return out
 
 
 @dataclass(frozen=True)
@@ -186,10 +200,17 @@ def load_json(path: str, known_layers=None) -> QuantConfig:
 
 # ---------------------------------------------------------------- simple config (.cfg)
 
+def _nuq_params(message, base: WeightQuantParams) -> WeightQuantParams:
+    return dataclasses.replace(base, wts_algo="nuq_quantize", num_steps=message.num_steps,
+                               num_of_iteration=message.num_of_iteration, codebook=message.codebook)
+
+
 def _params_from_proto(base: LayerConfig, cfg: calib_pb2.CalibrationConfig) -> LayerConfig:
     act, wts = base.activation, base.weight
     if cfg.HasField("arq_quantize"):
         wts = WeightQuantParams(num_bits=cfg.arq_quantize.quant_bits, channel_wise=cfg.arq_quantize.channel_wise)
+    if cfg.HasField("nuq_quantize"):
+        wts = _nuq_params(cfg.nuq_quantize, wts)
     if cfg.HasField("ifmr_quantize"):
         m = cfg.ifmr_quantize
         act = ActQuantParams(act_algo="ifmr", max_percentile=round(m.max_percentile, 9),
@@ -222,8 +243,18 @@ def parse_cfg(path: str) -> calib_pb2.AMCTConfig:
     return message
 
 
-def config_from_cfg(path: str, layer_types: dict) -> QuantConfig:
-    """Build the per-layer config from a simple config; `layer_types` maps layer name -> type names."""
+NUQ_TYPES = ("Conv2d", "Linear")
+
+
+def nuq_size_rule(num_steps: int) -> int:
+    """Without a mapping file, NUQ goes to Conv2d/Linear layers with at least this many weights, so that the
+    codebook (num_steps bytes) is small next to the packed indices."""
+    return 16 * num_steps
+
+
+def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
+    """Build the per-layer config from a simple config; `layer_types` maps layer name -> type names and
+    `nuq_layers` are the layers `nuq_config` applies to (chosen by the caller from the mapping file or size rule)."""
     message = parse_cfg(path)
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -242,19 +273,25 @@ def config_from_cfg(path: str, layer_types: dict) -> QuantConfig:
         if entry.layer_type not in all_types:
             raise ConfigError(f"{path}:{_line_of(text, entry.layer_type)}: override_layer_types layer_type "
                               f"'{entry.layer_type}' matches no layer (types here: {sorted(all_types)})")
-    if message.nuq_config.HasField("nuq_quantize") or message.nuq_config.mapping_file:
-        raise ConfigError(f"{path}:{_line_of(text, 'nuq_config')}: nuq_config is not available yet")
 
+    if message.HasField("nuq_config"):
+        at("num_steps", lambda: _nuq_params(message.nuq_config.nuq_quantize, WeightQuantParams()))
     common = at("common_config", lambda: _params_from_proto(LayerConfig(), message.common_config))
     layers = {}
     for name, types in layer_types.items():
         layer = common
+        if name in nuq_layers:
+            layer = at("nuq_quantize", lambda: dataclasses.replace(
+                layer, weight=_nuq_params(message.nuq_config.nuq_quantize, layer.weight)))
         for entry in message.override_layer_types:
             if entry.layer_type in types:
                 layer = at(entry.layer_type, lambda: _params_from_proto(layer, entry.calibration_config))
         for entry in message.override_layer_configs:
             if entry.layer_name == name:
                 layer = at(entry.layer_name, lambda: _params_from_proto(layer, entry.calibration_config))
+        if layer.weight.wts_algo == "nuq_quantize" and not set(types) & set(NUQ_TYPES):
+            raise ConfigError(f"{path}:{_line_of(text, 'nuq_quantize')}: layer '{name}' ({types[0]}) cannot take "
+                              f"nuq_quantize: only {' and '.join(NUQ_TYPES)} layers can")
         skipped = name in message.skip_layers or any(t in message.skip_layer_types for t in types)
         layers[name] = dataclasses.replace(layer, quant_enable=not skipped)
     return at("batch_num", lambda: QuantConfig(

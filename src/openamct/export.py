@@ -17,6 +17,7 @@ import torch
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from . import nuq
 from .fileio import write_bytes
 from .modules import QuantLayer
 from .primitives import qrange
@@ -145,7 +146,8 @@ def export_fused(qmodel, path: str, input_data, input_names=None, output_names=N
                 axis = 1
             mapping[name] = {"node": node.name, "op": node.op_type, "weight": node.input[1], "axis": axis,
                              "act_bits": layer.input_quantizer.params.num_bits,
-                             "weight_bits": layer.weight_quantizer.params.num_bits}
+                             "weight_bits": layer.weight_quantizer.params.num_bits,
+                             "num_steps": layer.weight_quantizer.params.num_steps}
             break
     missing = sorted(set(layers) - set(mapping))
     if missing:
@@ -170,11 +172,19 @@ def _channel_shape(array: np.ndarray, axis: int, n: int) -> tuple:
     return tuple(shape)
 
 
-def weight_codes(weight: np.ndarray, scale_w: np.ndarray, axis: int, num_bits: int) -> np.ndarray:
-    """INT8 codes of a weight, computed exactly as the PyTorch simulation does (float32 divide, half-to-even)."""
+def weight_codes(weight: np.ndarray, scale_w: np.ndarray, axis: int, num_bits: int, levels=None) -> np.ndarray:
+    """INT8 codes of a weight, computed exactly as the PyTorch simulation does (float32 divide, half-to-even),
+    snapped to the NUQ codebook(s) `levels` when given."""
     qmin, qmax = qrange(num_bits)
     scale = scale_w.reshape(_channel_shape(weight, axis, scale_w.size)) if scale_w.size > 1 else scale_w.reshape(())
-    return np.clip(np.round(weight.astype(np.float32) / scale.astype(np.float32)), qmin, qmax)
+    codes = np.clip(np.round(weight.astype(np.float32) / scale.astype(np.float32)), qmin, qmax)
+    return codes if levels is None else nuq.snap(codes, levels)
+
+
+def layer_codes(entry: dict, rec, weight: np.ndarray) -> np.ndarray:
+    levels = np.asarray(rec.nuq_levels).reshape(-1, entry["num_steps"]) if len(rec.nuq_levels) else None
+    return weight_codes(weight, np.asarray(rec.scale_w, dtype=np.float32), entry["axis"], entry["weight_bits"],
+                        levels)
 
 
 def _toposort(graph: onnx.GraphProto, nodes: list) -> None:
@@ -244,7 +254,7 @@ def build_quantized(fused_path: str, records: dict, deploy: bool) -> onnx.ModelP
         scale_d = np.float32(rec.scale_d)
         scale_w = np.asarray(rec.scale_w, dtype=np.float32)
         weight = numpy_helper.to_array(inits[entry["weight"]])
-        codes = weight_codes(weight, scale_w, entry["axis"], entry["weight_bits"])
+        codes = layer_codes(entry, rec, weight)
         per_channel = scale_w.size > 1
         grid = (scale_d * scale_w).astype(np.float32)  # the accumulator's scale, as the simulation computes it
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None

@@ -8,6 +8,8 @@ QuantizeLinear/DequantizeLinear pair on that tensor does, so the simulation and 
 import math
 import weakref
 
+import numpy as np
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -16,7 +18,9 @@ from torch.utils._pytree import tree_map
 
 from .config import LayerConfig
 from .observers import OBSERVERS
-from .primitives import act_qparams, fake_quant, fake_quant_weight, quantize_bias, weight_scales
+from . import nuq
+from .primitives import (act_qparams, channel_view, fake_quant, fake_quant_weight, quantize, quantize_bias,
+                         weight_scales)
 
 
 class QuantizedValues(TorchFunctionMode):
@@ -108,20 +112,51 @@ class ActQuantizer(nn.Module):
 
 
 class WeightQuantizer(nn.Module):
-    """ARQ: symmetric per-channel (or per-tensor) scales from the weight's own range."""
+    """ARQ: symmetric per-channel (or per-tensor) scales from the weight's own range; with NUQ the INT8 codes are
+    then snapped to the layer's codebook (fitted after calibration, see nuq.py)."""
 
     def __init__(self, params, axis: int):
         super().__init__()
         self.params, self.axis = params, axis
+        self.levels = None  # NUQ codebook(s), int array [num_steps] or [out_channels, num_steps]
+        self._table = None
 
     def scales(self, weight: torch.Tensor) -> torch.Tensor:
         return weight_scales(weight, self.params.num_bits, self.params.channel_wise, self.axis)
 
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """INT8 codes as float, NUQ-snapped once a codebook is fitted."""
+        scale = channel_view(self.scales(weight).to(weight.device), weight.dim(), self.axis)
+        codes = quantize(weight.detach(), scale, 0, self.params.num_bits)
+        if self._table is None:
+            return codes
+        table = self._table.to(weight.device)
+        rows = codes.reshape(table.shape[0], -1).long() + 128 if table.shape[0] > 1 else codes.reshape(1, -1).long() + 128
+        return torch.gather(table, 1, rows).reshape(codes.shape).to(codes.dtype)
+
     def forward(self, weight):
-        return fake_quant_weight(weight, self.scales(weight).to(weight.device), self.params.num_bits, self.axis)
+        if self._table is None:
+            return fake_quant_weight(weight, self.scales(weight).to(weight.device), self.params.num_bits, self.axis)
+        scale = channel_view(self.scales(weight).to(weight.device), weight.dim(), self.axis)
+        return weight + (self.codes(weight) * scale - weight).detach()
+
+    def fit_codebook(self, weight: torch.Tensor, input_power: torch.Tensor | None, groups: int) -> None:
+        """Choose the NUQ levels minimising the output error: each weight counts by scale^2 * E[input^2]."""
+        codes = self.codes(weight).cpu().numpy().astype(np.int64)
+        scale = self.scales(weight).cpu().double().numpy()
+        importance = np.broadcast_to((scale ** 2).reshape([-1] + [1] * (weight.dim() - 1)), codes.shape).copy()
+        if input_power is not None:
+            power = input_power.cpu().double().numpy().reshape(groups, -1)  # [groups, in_channels per group]
+            out_per_group = weight.shape[0] // groups
+            per_out = np.repeat(power, out_per_group, axis=0)  # [out_channels, in_channels per group]
+            importance *= per_out.reshape(per_out.shape + (1,) * (weight.dim() - 2))
+        self.levels = nuq.codebooks(codes, importance, self.params.num_steps, self.params.codebook == "channel")
+        self._table = torch.from_numpy(nuq.snap_table(self.levels)).float()
 
     def extra_repr(self):
-        return f"arq, bits={self.params.num_bits}, channel_wise={self.params.channel_wise}"
+        algo = f"nuq({self.params.num_steps} steps, per {self.params.codebook})" \
+            if self.params.wts_algo == "nuq_quantize" else "arq"
+        return f"{algo}, bits={self.params.num_bits}, channel_wise={self.params.channel_wise}"
 
 
 class QuantLayer(nn.Module):
@@ -138,8 +173,26 @@ class QuantLayer(nn.Module):
         self.input_quantizer = input_quantizer
         self.weight_quantizer = WeightQuantizer(config.weight, axis)
         self.output_quantizer = output_quantizer
+        self.input_power = None  # NUQ: running sum of each input channel's mean square, and the batch count
+        self._power_batches = 0
+
+    def _observe_input_power(self, x: torch.Tensor) -> None:
+        channel_dim = -1 if isinstance(self.layer, nn.Linear) else 1
+        dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
+        power = x.detach().float().pow(2).mean(dims)
+        self.input_power = power if self.input_power is None else self.input_power + power
+        self._power_batches += 1
+
+    def finish_weights(self) -> None:
+        """After calibration: fit the NUQ codebook (a no-op for uniform weights)."""
+        if self.weight_quantizer.params.wts_algo == "nuq_quantize" and self.weight_quantizer.levels is None:
+            power = self.input_power / self._power_batches if self._power_batches else None
+            self.weight_quantizer.fit_codebook(self.layer.weight, power, getattr(self.layer, "groups", 1))
+            self.input_power = None
 
     def forward(self, x):
+        if self.weight_quantizer.params.wts_algo == "nuq_quantize" and not self.input_quantizer.calibrated:
+            self._observe_input_power(x)
         x = self.input_quantizer(x)
         weight = self.weight_quantizer(self.layer.weight)
         bias = self.layer.bias
@@ -157,4 +210,6 @@ class QuantLayer(nn.Module):
                  "scale_w": scale_w.tolist(), "offset_w": [0] * scale_w.numel()}
         if self.output_quantizer is not None:
             entry.update(scale_o=float(self.output_quantizer.scale), offset_o=int(self.output_quantizer.offset))
+        if self.weight_quantizer.levels is not None:
+            entry["nuq_levels"] = [int(v) for v in np.ravel(self.weight_quantizer.levels)]
         return entry

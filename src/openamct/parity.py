@@ -69,12 +69,16 @@ def first_divergent_layer(onnx_model: onnx.ModelProto, mapping: dict, qmodel, in
 
 def check(models: dict, mapping: dict, qmodel, inputs) -> dict:
     """Run each exported model (kind -> ModelProto) in ONNX Runtime and compare with `qmodel` on `inputs`."""
+    sessions = {kind: session(model) for kind, model in models.items()}
+    batch = next(iter(sessions.values())).get_inputs()[0].shape[0]
+    if isinstance(batch, int):  # exported without a dynamic batch axis: feed what it takes
+        inputs = tuple(t[:batch] if isinstance(t, torch.Tensor) else t for t in inputs)
     with torch.no_grad():
         reference = qmodel(*_on_device(qmodel, inputs))
     reference = reference.detach().cpu().numpy()
     report = {}
     for kind, model in models.items():
-        sess = session(model)
+        sess = sessions[kind]
         output = sess.run(None, _feeds(sess, inputs))[0]
         result = compare(reference, output)
         result["ok"] = result["relative_diff"] <= TOLERANCE and result.get("top1_agreement", 1.0) >= 0.9

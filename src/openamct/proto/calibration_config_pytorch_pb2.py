@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n calibration_config_pytorch.proto\x12\x10\x41MCTPytorchProto\"\xe4\x03\n\nAMCTConfig\x12\x14\n\tbatch_num\x18\x01 \x01(\r:\x01\x31\x12\x1f\n\x11\x61\x63tivation_offset\x18\x02 \x01(\x08:\x04true\x12\x13\n\x0bskip_layers\x18\x03 \x03(\t\x12\x18\n\x10skip_layer_types\x18\x04 \x03(\t\x12/\n\nnuq_config\x18\x05 \x01(\x0b\x32\x1b.AMCTPytorchProto.NuqConfig\x12:\n\rcommon_config\x18\x06 \x01(\x0b\x32#.AMCTPytorchProto.CalibrationConfig\x12\x41\n\x14override_layer_types\x18\x07 \x03(\x0b\x32#.AMCTPytorchProto.OverrideLayerType\x12?\n\x16override_layer_configs\x18\x08 \x03(\x0b\x32\x1f.AMCTPytorchProto.OverrideLayer\x12\x17\n\tdo_fusion\x18\t \x01(\x08:\x04true\x12\x1a\n\x12skip_fusion_layers\x18\n \x03(\t\x12J\n\x18\x66\x61kequant_precision_mode\x18\x0b \x01(\x0e\x32(.AMCTPytorchProto.FakequantPrecisionMode\"d\n\rOverrideLayer\x12\x12\n\nlayer_name\x18\x01 \x02(\t\x12?\n\x12\x63\x61libration_config\x18\x02 \x02(\x0b\x32#.AMCTPytorchProto.CalibrationConfig\"h\n\x11OverrideLayerType\x12\x12\n\nlayer_type\x18\x01 \x02(\t\x12?\n\x12\x63\x61libration_config\x18\x02 \x02(\x0b\x32#.AMCTPytorchProto.CalibrationConfig\"\xde\x02\n\x11\x43\x61librationConfig\x12\x34\n\x0c\x61rq_quantize\x18\x01 \x01(\x0b\x32\x1c.AMCTPytorchProto.ARQuantizeH\x00\x12\x35\n\x0c\x61\x64\x61_quantize\x18\x05 \x01(\x0b\x32\x1d.AMCTPytorchProto.ADAquantizeH\x00\x12\x36\n\rifmr_quantize\x18\x02 \x01(\x0b\x32\x1d.AMCTPytorchProto.FMRQuantizeH\x01\x12\x37\n\rhfmg_quantize\x18\x03 \x01(\x0b\x32\x1e.AMCTPytorchProto.HFMGQuantizeH\x01\x12\x35\n\x0c\x64mq_balancer\x18\x04 \x01(\x0b\x32\x1d.AMCTPytorchProto.DMQBalancerH\x02\x42\x13\n\x11wts_quantize_algoB\x13\n\x11\x61\x63t_quantize_algoB\n\n\x08\x62\x61lancer\"?\n\nARQuantize\x12\x1a\n\x0c\x63hannel_wise\x18\x01 \x01(\x08:\x04true\x12\x15\n\nquant_bits\x18\x02 \x01(\r:\x01\x38\"\xb2\x01\n\x0b\x41\x44\x41quantize\x12\x1c\n\rnum_iteration\x18\x01 \x01(\r:\x05\x31\x30\x30\x30\x30\x12\x17\n\treg_param\x18\x02 \x01(\x02:\x04\x30.01\x12\x1c\n\x10\x62\x65ta_range_start\x18\x03 \x01(\x02:\x02\x32\x30\x12\x19\n\x0e\x62\x65ta_range_end\x18\x04 \x01(\x02:\x01\x32\x12\x17\n\nwarm_start\x18\x05 \x01(\x02:\x03\x30.2\x12\x1a\n\x0c\x63hannel_wise\x18\x06 \x01(\x08:\x04true\"\xf7\x01\n\x0b\x46MRQuantize\x12\x1f\n\x12search_range_start\x18\x01 \x01(\x02:\x03\x30.7\x12\x1d\n\x10search_range_end\x18\x02 \x01(\x02:\x03\x31.3\x12\x19\n\x0bsearch_step\x18\x03 \x01(\x02:\x04\x30.01\x12 \n\x0emax_percentile\x18\x04 \x01(\x02:\x08\x30.999999\x12 \n\x0emin_percentile\x18\x05 \x01(\x02:\x08\x30.999999\x12\x12\n\nasymmetric\x18\x06 \x01(\x08\x12\x35\n\x08\x64st_type\x18\x07 \x01(\x0e\x32\x1d.AMCTPytorchProto.ActDataType:\x04INT8\"t\n\x0cHFMGQuantize\x12\x19\n\x0bnum_of_bins\x18\x01 \x01(\r:\x04\x34\x30\x39\x36\x12\x12\n\nasymmetric\x18\x02 \x01(\x08\x12\x35\n\x08\x64st_type\x18\x03 \x01(\x0e\x32\x1d.AMCTPytorchProto.ActDataType:\x04INT8\".\n\x0b\x44MQBalancer\x12\x1f\n\x12migration_strength\x18\x01 \x01(\x02:\x03\x30.5\"U\n\tNuqConfig\x12\x14\n\x0cmapping_file\x18\x01 \x01(\t\x12\x32\n\x0cnuq_quantize\x18\x02 \x01(\x0b\x32\x1c.AMCTPytorchProto.NUQuantize\"@\n\nNUQuantize\x12\x15\n\tnum_steps\x18\x01 \x01(\r:\x02\x33\x32\x12\x1b\n\x10num_of_iteration\x18\x02 \x01(\r:\x01\x31*;\n\x16\x46\x61kequantPrecisionMode\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x00\x12\x14\n\x10\x46ORCE_FP16_QUANT\x10\x01*-\n\x0b\x41\x63tDataType\x12\t\n\x05UNSET\x10\x00\x12\x08\n\x04INT8\x10\x01\x12\t\n\x05INT16\x10\x02')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n calibration_config_pytorch.proto\x12\x10\x41MCTPytorchProto\"\xe4\x03\n\nAMCTConfig\x12\x14\n\tbatch_num\x18\x01 \x01(\r:\x01\x31\x12\x1f\n\x11\x61\x63tivation_offset\x18\x02 \x01(\x08:\x04true\x12\x13\n\x0bskip_layers\x18\x03 \x03(\t\x12\x18\n\x10skip_layer_types\x18\x04 \x03(\t\x12/\n\nnuq_config\x18\x05 \x01(\x0b\x32\x1b.AMCTPytorchProto.NuqConfig\x12:\n\rcommon_config\x18\x06 \x01(\x0b\x32#.AMCTPytorchProto.CalibrationConfig\x12\x41\n\x14override_layer_types\x18\x07 \x03(\x0b\x32#.AMCTPytorchProto.OverrideLayerType\x12?\n\x16override_layer_configs\x18\x08 \x03(\x0b\x32\x1f.AMCTPytorchProto.OverrideLayer\x12\x17\n\tdo_fusion\x18\t \x01(\x08:\x04true\x12\x1a\n\x12skip_fusion_layers\x18\n \x03(\t\x12J\n\x18\x66\x61kequant_precision_mode\x18\x0b \x01(\x0e\x32(.AMCTPytorchProto.FakequantPrecisionMode\"d\n\rOverrideLayer\x12\x12\n\nlayer_name\x18\x01 \x02(\t\x12?\n\x12\x63\x61libration_config\x18\x02 \x02(\x0b\x32#.AMCTPytorchProto.CalibrationConfig\"h\n\x11OverrideLayerType\x12\x12\n\nlayer_type\x18\x01 \x02(\t\x12?\n\x12\x63\x61libration_config\x18\x02 \x02(\x0b\x32#.AMCTPytorchProto.CalibrationConfig\"\x94\x03\n\x11\x43\x61librationConfig\x12\x34\n\x0c\x61rq_quantize\x18\x01 \x01(\x0b\x32\x1c.AMCTPytorchProto.ARQuantizeH\x00\x12\x35\n\x0c\x61\x64\x61_quantize\x18\x05 \x01(\x0b\x32\x1d.AMCTPytorchProto.ADAquantizeH\x00\x12\x34\n\x0cnuq_quantize\x18\x06 \x01(\x0b\x32\x1c.AMCTPytorchProto.NUQuantizeH\x00\x12\x36\n\rifmr_quantize\x18\x02 \x01(\x0b\x32\x1d.AMCTPytorchProto.FMRQuantizeH\x01\x12\x37\n\rhfmg_quantize\x18\x03 \x01(\x0b\x32\x1e.AMCTPytorchProto.HFMGQuantizeH\x01\x12\x35\n\x0c\x64mq_balancer\x18\x04 \x01(\x0b\x32\x1d.AMCTPytorchProto.DMQBalancerH\x02\x42\x13\n\x11wts_quantize_algoB\x13\n\x11\x61\x63t_quantize_algoB\n\n\x08\x62\x61lancer\"?\n\nARQuantize\x12\x1a\n\x0c\x63hannel_wise\x18\x01 \x01(\x08:\x04true\x12\x15\n\nquant_bits\x18\x02 \x01(\r:\x01\x38\"\xb2\x01\n\x0b\x41\x44\x41quantize\x12\x1c\n\rnum_iteration\x18\x01 \x01(\r:\x05\x31\x30\x30\x30\x30\x12\x17\n\treg_param\x18\x02 \x01(\x02:\x04\x30.01\x12\x1c\n\x10\x62\x65ta_range_start\x18\x03 \x01(\x02:\x02\x32\x30\x12\x19\n\x0e\x62\x65ta_range_end\x18\x04 \x01(\x02:\x01\x32\x12\x17\n\nwarm_start\x18\x05 \x01(\x02:\x03\x30.2\x12\x1a\n\x0c\x63hannel_wise\x18\x06 \x01(\x08:\x04true\"\xf7\x01\n\x0b\x46MRQuantize\x12\x1f\n\x12search_range_start\x18\x01 \x01(\x02:\x03\x30.7\x12\x1d\n\x10search_range_end\x18\x02 \x01(\x02:\x03\x31.3\x12\x19\n\x0bsearch_step\x18\x03 \x01(\x02:\x04\x30.01\x12 \n\x0emax_percentile\x18\x04 \x01(\x02:\x08\x30.999999\x12 \n\x0emin_percentile\x18\x05 \x01(\x02:\x08\x30.999999\x12\x12\n\nasymmetric\x18\x06 \x01(\x08\x12\x35\n\x08\x64st_type\x18\x07 \x01(\x0e\x32\x1d.AMCTPytorchProto.ActDataType:\x04INT8\"t\n\x0cHFMGQuantize\x12\x19\n\x0bnum_of_bins\x18\x01 \x01(\r:\x04\x34\x30\x39\x36\x12\x12\n\nasymmetric\x18\x02 \x01(\x08\x12\x35\n\x08\x64st_type\x18\x03 \x01(\x0e\x32\x1d.AMCTPytorchProto.ActDataType:\x04INT8\".\n\x0b\x44MQBalancer\x12\x1f\n\x12migration_strength\x18\x01 \x01(\x02:\x03\x30.5\"U\n\tNuqConfig\x12\x14\n\x0cmapping_file\x18\x01 \x01(\t\x12\x32\n\x0cnuq_quantize\x18\x02 \x01(\x0b\x32\x1c.AMCTPytorchProto.NUQuantize\"Y\n\nNUQuantize\x12\x15\n\tnum_steps\x18\x01 \x01(\r:\x02\x33\x32\x12\x1b\n\x10num_of_iteration\x18\x02 \x01(\r:\x01\x31\x12\x17\n\x08\x63odebook\x18\x03 \x01(\t:\x05layer*;\n\x16\x46\x61kequantPrecisionMode\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x00\x12\x14\n\x10\x46ORCE_FP16_QUANT\x10\x01*-\n\x0b\x41\x63tDataType\x12\t\n\x05UNSET\x10\x00\x12\x08\n\x04INT8\x10\x01\x12\t\n\x05INT16\x10\x02')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'calibration_config_pytorch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAKEQUANTPRECISIONMODE']._serialized_start=1917
-  _globals['_FAKEQUANTPRECISIONMODE']._serialized_end=1976
-  _globals['_ACTDATATYPE']._serialized_start=1978
-  _globals['_ACTDATATYPE']._serialized_end=2023
+  _globals['_FAKEQUANTPRECISIONMODE']._serialized_start=1996
+  _globals['_FAKEQUANTPRECISIONMODE']._serialized_end=2055
+  _globals['_ACTDATATYPE']._serialized_start=2057
+  _globals['_ACTDATATYPE']._serialized_end=2102
   _globals['_AMCTCONFIG']._serialized_start=55
   _globals['_AMCTCONFIG']._serialized_end=539
   _globals['_OVERRIDELAYER']._serialized_start=541
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OVERRIDELAYERTYPE']._serialized_start=643
   _globals['_OVERRIDELAYERTYPE']._serialized_end=747
   _globals['_CALIBRATIONCONFIG']._serialized_start=750
-  _globals['_CALIBRATIONCONFIG']._serialized_end=1100
-  _globals['_ARQUANTIZE']._serialized_start=1102
-  _globals['_ARQUANTIZE']._serialized_end=1165
-  _globals['_ADAQUANTIZE']._serialized_start=1168
-  _globals['_ADAQUANTIZE']._serialized_end=1346
-  _globals['_FMRQUANTIZE']._serialized_start=1349
-  _globals['_FMRQUANTIZE']._serialized_end=1596
-  _globals['_HFMGQUANTIZE']._serialized_start=1598
-  _globals['_HFMGQUANTIZE']._serialized_end=1714
-  _globals['_DMQBALANCER']._serialized_start=1716
-  _globals['_DMQBALANCER']._serialized_end=1762
-  _globals['_NUQCONFIG']._serialized_start=1764
-  _globals['_NUQCONFIG']._serialized_end=1849
-  _globals['_NUQUANTIZE']._serialized_start=1851
-  _globals['_NUQUANTIZE']._serialized_end=1915
+  _globals['_CALIBRATIONCONFIG']._serialized_end=1154
+  _globals['_ARQUANTIZE']._serialized_start=1156
+  _globals['_ARQUANTIZE']._serialized_end=1219
+  _globals['_ADAQUANTIZE']._serialized_start=1222
+  _globals['_ADAQUANTIZE']._serialized_end=1400
+  _globals['_FMRQUANTIZE']._serialized_start=1403
+  _globals['_FMRQUANTIZE']._serialized_end=1650
+  _globals['_HFMGQUANTIZE']._serialized_start=1652
+  _globals['_HFMGQUANTIZE']._serialized_end=1768
+  _globals['_DMQBALANCER']._serialized_start=1770
+  _globals['_DMQBALANCER']._serialized_end=1816
+  _globals['_NUQCONFIG']._serialized_start=1818
+  _globals['_NUQCONFIG']._serialized_end=1903
+  _globals['_NUQUANTIZE']._serialized_start=1905
+  _globals['_NUQUANTIZE']._serialized_end=1994
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,139 @@
+"""Non-uniform weight quantization: optimal codebooks, packed storage, mapping-file selection, export parity."""
+import itertools
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import openamct as amct
+from openamct.config import ConfigError
+from openamct.nuq import codebooks, load_packed, optimal_levels, pack, snap, unpack
+from openamct.record import read_record
+from tiny_models import ConvNet, convnet
+
+
+def cost(counts, levels):
+    values = np.arange(-128, 128)
+    nearest = np.min(np.abs(values[:, None] - np.asarray(levels)[None, :]), axis=1)
+    return float((counts * nearest ** 2).sum())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_optimal_levels_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(256)
+    counts[128 + rng.integers(-6, 7, 9)] = rng.random(9) + 0.1  # a few weighted codes in -6..6
+    brute = min(cost(counts, c) for c in itertools.combinations(range(-6, 7), 3))
+    levels = optimal_levels(counts, 3)
+    assert len(levels) <= 3 and cost(counts, levels) == pytest.approx(brute)
+
+
+def test_fewer_codes_than_steps_is_lossless_and_packing_round_trips():
+    rng = np.random.default_rng(0)
+    codes = np.clip(np.round(rng.normal(0, 25, (16, 8, 3, 3))), -128, 127).astype(np.int8)
+    for per_channel, steps in [(False, 16), (False, 32), (True, 16), (True, 128)]:
+        books = codebooks(codes.astype(np.int64), np.ones(codes.shape), steps, per_channel)
+        snapped = snap(codes, books)
+        if per_channel and steps >= 72:
+            assert np.array_equal(snapped, codes)  # 72 weights per channel: every code is its own level
+        entry = pack(snapped, books)
+        assert entry["bits"] == int(np.ceil(np.log2(steps)))
+        assert np.array_equal(unpack(entry), snapped)
+        assert entry["indices"].nbytes == -(-codes.size * int(entry["bits"]) // 8)
+
+
+def run_nuq_flow(tmp_path, cfg_text, batches=2):
+    os.chdir(tmp_path)
+    (tmp_path / "nuq.cfg").write_text(cfg_text)
+    model, example = convnet(), ConvNet.example_input()
+    amct.create_quant_config("tmp/config.json", model, example, config_defination="nuq.cfg")
+    qmodel = amct.quantize_model("tmp/config.json", "tmp/modified_model.onnx", "tmp/record.txt", model, example,
+                                 input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "b"}})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(batches):
+            qmodel(ConvNet.example_input(8))
+    return qmodel, amct.save_model("tmp/modified_model.onnx", "tmp/record.txt", "out/tiny")
+
+
+def test_nuq_flow_levels_packing_and_parity(tmp_path):
+    qmodel, report = run_nuq_flow(tmp_path, "batch_num: 2\nnuq_config { nuq_quantize { num_steps: 4 } }\n"
+                                            "override_layer_configs { layer_name: \"fc\" calibration_config { "
+                                            "arq_quantize { channel_wise: true } } }\n")
+    config = json.loads((tmp_path / "tmp/config.json").read_text())
+    assert config["conv1"]["weight_quant_params"]["wts_algo"] == "nuq_quantize"
+    assert config["fc"]["weight_quant_params"]["wts_algo"] == "arq_quantize"  # per-layer override wins
+    records = read_record("tmp/record.txt")
+    deploy = {i.name: numpy_helper.to_array(i) for i in onnx.load(report["paths"]["deploy"]).graph.initializer}
+    packed = load_packed(report["paths"]["nuq_weights"])
+    assert set(packed) == {"conv1", "dw", "pw"} and len(records["fc"].nuq_levels) == 0
+    for name, weights in packed.items():
+        assert np.array_equal(weights, deploy[f"{name}.weight_quant"])  # exact INT8 weights restored
+        assert set(np.unique(weights)) <= set(records[name].nuq_levels) and len(records[name].nuq_levels) <= 4
+    assert len(np.unique(deploy["fc.weight_quant"])) > 4
+    for kind, result in report["parity"].items():
+        assert result["ok"], (kind, result)
+    total = report["weight_bytes"]["total"]
+    assert total["nuq_packed"] < 0.5 * total["int8"]
+    log = (tmp_path / "amct_log/amct_pytorch.log").read_text()
+    assert "Weight bytes of the quantized layers: fp32" in log and "nuq packed" in log
+
+
+def test_output_weighting_protects_the_inputs_that_matter(tmp_path):
+    """A layer whose input channel 0 carries all the signal: its weights get the finer levels."""
+    layer = torch.nn.Linear(2, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.11, 0.9], [0.52, -0.33], [-0.71, 0.26], [0.3, -0.95]]))
+    from openamct.config import WeightQuantParams
+    from openamct.modules import WeightQuantizer
+    params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, channel_wise=False)
+    plain, weighted = WeightQuantizer(params, 0), WeightQuantizer(params, 0)
+    plain.fit_codebook(layer.weight, None, 1)
+    weighted.fit_codebook(layer.weight, torch.tensor([100.0, 0.01]), 1)
+    error = lambda q: float(((q(layer.weight) - layer.weight)[:, 0] ** 2).sum())  # noqa: E731
+    assert error(weighted) < error(plain)
+
+
+def atc_dump(flagged: dict) -> dict:
+    ops = []
+    for name, compress in flagged.items():
+        attrs = [{"key": "_datadump_original_op_names", "value": {"list": {"s": [name, f"{name}.dequant"]}}}]
+        if compress:
+            attrs.append({"key": "_fe_weight_compress", "value": {"b": True}})
+        ops.append({"name": f"fused_{name}", "type": "Conv2D", "attr": attrs})
+    return {"name": "model", "graph": [{"name": "g", "op": ops}]}
+
+
+def test_mapping_file_picks_exactly_the_flagged_layers(tmp_path):
+    # flagged by ONNX node name (as an ATC dump of our deploy model names them) and by layer name
+    dump = atc_dump({"/conv1/Conv": True, "/dw/Conv": False, "pw": True, "/fc/Gemm": False})
+    (tmp_path / "map.json").write_text(json.dumps(dump))
+    _, report = run_nuq_flow(tmp_path, 'batch_num: 2\nnuq_config { mapping_file: "map.json" '
+                                       'nuq_quantize { num_steps: 8 } }\n')
+    assert set(load_packed(report["paths"]["nuq_weights"])) == {"conv1", "pw"}
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ("nuq_config { nuq_quantize { num_steps: 1 } }\n", "num_steps"),
+    ("nuq_config { nuq_quantize { num_steps: 300 } }\n", "num_steps"),
+    ('nuq_config { mapping_file: "map.json" nuq_quantize { num_steps: 16 } }\n', "not an ATC JSON dump"),
+    ('nuq_config { mapping_file: "none.json" nuq_quantize { num_steps: 16 } }\n', "mapping file not found"),
+])
+def test_bad_nuq_config(tmp_path, cfg, message):
+    os.chdir(tmp_path)
+    (tmp_path / "map.json").write_text('{"layers": []}')
+    (tmp_path / "nuq.cfg").write_text(cfg)
+    with pytest.raises(ConfigError, match=message):
+        amct.create_quant_config("c.json", convnet(), ConvNet.example_input(), config_defination="nuq.cfg")
+
+
+def test_mapping_file_naming_no_layer(tmp_path):
+    os.chdir(tmp_path)
+    (tmp_path / "map.json").write_text(json.dumps(atc_dump({"Conv_10": True})))
+    (tmp_path / "nuq.cfg").write_text('nuq_config { mapping_file: "map.json" nuq_quantize { num_steps: 16 } }\n')
+    with pytest.raises(ConfigError, match="flags no Conv2d/Linear layer of this model"):
+        amct.create_quant_config("c.json", convnet(), ConvNet.example_input(), config_defination="nuq.cfg")
