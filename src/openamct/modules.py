@@ -147,8 +147,7 @@ class WeightQuantizer(nn.Module):
         importance = np.broadcast_to((scale ** 2).reshape([-1] + [1] * (weight.dim() - 1)), codes.shape).copy()
         if input_power is not None:
             power = input_power.cpu().double().numpy().reshape(groups, -1)  # [groups, in_channels per group]
-            out_per_group = weight.shape[0] // groups
-            per_out = np.repeat(power, out_per_group, axis=0)  # [out_channels, in_channels per group]
+            per_out = np.repeat(power, weight.shape[0] // groups, axis=0)  # [out_channels, in_channels per group]
             importance *= per_out.reshape(per_out.shape + (1,) * (weight.dim() - 2))
         self.levels = nuq.codebooks(codes, importance, self.params.num_steps, self.params.codebook == "channel")
         self._table = torch.from_numpy(nuq.snap_table(self.levels)).float()
@@ -173,26 +172,46 @@ class QuantLayer(nn.Module):
         self.input_quantizer = input_quantizer
         self.weight_quantizer = WeightQuantizer(config.weight, axis)
         self.output_quantizer = output_quantizer
-        self.input_power = None  # NUQ: running sum of each input channel's mean square, and the batch count
-        self._power_batches = 0
+        self.input_moments = None  # running sums of each input channel's mean and mean square, and batch count
+        self._moment_batches = 0
 
-    def _observe_input_power(self, x: torch.Tensor) -> None:
+    def _observe_input(self, x: torch.Tensor) -> None:
         channel_dim = -1 if isinstance(self.layer, nn.Linear) else 1
         dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
-        power = x.detach().float().pow(2).mean(dims)
-        self.input_power = power if self.input_power is None else self.input_power + power
-        self._power_batches += 1
+        x = x.detach().float()
+        moments = torch.stack([x.mean(dims), x.pow(2).mean(dims)])
+        self.input_moments = moments if self.input_moments is None else self.input_moments + moments
+        self._moment_batches += 1
 
-    def finish_weights(self) -> None:
-        """After calibration: fit the NUQ codebook (a no-op for uniform weights)."""
+    def _per_weight(self, channel_values: torch.Tensor) -> torch.Tensor:
+        """Expand per-input-channel values to the weight's [out, in per group] layout."""
+        weight = self.layer.weight
+        groups = getattr(self.layer, "groups", 1)
+        per_group = channel_values.reshape(groups, -1)
+        return per_group.repeat_interleave(weight.shape[0] // groups, dim=0)
+
+    def finish_weights(self, bias_correction: bool = True) -> None:
+        """After calibration: fit the NUQ codebook, then correct the bias for the weight quantization's shift of
+        the output mean, (W_q - W) . E[x] per output channel (Nagel et al. 2019), so it is not left to compound."""
+        if self.input_moments is None:
+            return
+        mean, power = (self.input_moments / self._moment_batches).to(self.layer.weight.device)
+        self.input_moments = None
+        weight = self.layer.weight
         if self.weight_quantizer.params.wts_algo == "nuq_quantize" and self.weight_quantizer.levels is None:
-            power = self.input_power / self._power_batches if self._power_batches else None
-            self.weight_quantizer.fit_codebook(self.layer.weight, power, getattr(self.layer, "groups", 1))
-            self.input_power = None
+            self.weight_quantizer.fit_codebook(weight, power, getattr(self.layer, "groups", 1))
+        if not bias_correction or self.axis != 0:
+            return
+        with torch.no_grad():
+            error = (self.weight_quantizer(weight) - weight).reshape(weight.shape[0], weight.shape[1], -1).sum(2)
+            shift = (error * self._per_weight(mean)).sum(1)
+            if self.layer.bias is None:
+                self.layer.bias = nn.Parameter(torch.zeros_like(shift))
+            self.layer.bias -= shift
 
     def forward(self, x):
-        if self.weight_quantizer.params.wts_algo == "nuq_quantize" and not self.input_quantizer.calibrated:
-            self._observe_input_power(x)
+        if not self.input_quantizer.calibrated:
+            self._observe_input(x)
         x = self.input_quantizer(x)
         weight = self.weight_quantizer(self.layer.weight)
         bias = self.layer.bias
