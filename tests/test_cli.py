@@ -270,6 +270,10 @@ def test_layer_errors_and_plot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model, example = convnet(), ConvNet.example_input()
     amct.create_quant_config("tmp/config.json", model, example, batch_num=1)
+    config = json.loads((tmp_path / "tmp" / "config.json").read_text())
+    for name in ("conv1", "dw", "pw", "fc"):  # float weights left as they were: the folded copy is then the
+        config[name]["weight_quant_params"].update(rounding="nearest", bias_correction=False)  # fp32 model
+    (tmp_path / "tmp" / "config.json").write_text(json.dumps(config))
     qmodel = amct.quantize_model("tmp/config.json", "tmp/m.onnx", "tmp/record.txt", model, example)
     torch.manual_seed(0)
     batch = ConvNet.example_input(8)

@@ -25,7 +25,8 @@ def test_create_quant_config_writes_amct_json(tmp_path):
     act = data["conv1"]["activation_quant_params"]
     assert act == {"num_bits": 8, "act_algo": "ifmr", "max_percentile": 0.999999, "min_percentile": 0.999999,
                    "search_range": [0.7, 1.3], "search_step": 0.01}
-    assert data["conv1"]["weight_quant_params"] == {"num_bits": 8, "wts_algo": "arq_quantize", "channel_wise": True}
+    assert data["conv1"]["weight_quant_params"] == {"num_bits": 8, "wts_algo": "arq_quantize", "channel_wise": True,
+                                                    "rounding": "gptq", "bias_correction": True}
     config = load_json(str(path), known_layers=LAYERS)
     assert config.enabled() == ["conv1", "dw", "pw"] and config.batch_num == 3
     assert config.to_json() == data

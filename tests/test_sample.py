@@ -102,12 +102,15 @@ def test_calibration_prints_amct_lines(calibration):
     assert sum(line.startswith("******final top1:") for line in lines) == 3
 
 
-def test_nuq_is_refused_clearly(sample_root):
-    result = _run(sample_root, "--nuq", timeout=300)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "NUQ is not available yet in openamct" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (sample_root / "outputs" / "nuq" / "resnet-101_deploy_model.onnx").exists()
+def test_nuq_writes_under_outputs_nuq(sample_root):
+    result = _run(sample_root, "--nuq", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = sample_root / "outputs" / "nuq"
+    for name in ("resnet-101_deploy_model.onnx", "resnet-101_fake_quant_model.onnx", "resnet-101_nuq_weights.npz"):
+        assert (out / name).is_file(), name
+    assert "[INFO] ResNet101 after quantize  top1:" in result.stdout
+    log = (sample_root / "amct_log" / "amct_pytorch.log").read_text()
+    assert "nuq packed" in log and "of int8" in log
 
 
 def test_missing_model_file_says_what_to_download(tmp_path):

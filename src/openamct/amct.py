@@ -75,11 +75,12 @@ def _capture_sample(module, args):
         module.openamct_sample = tuple(a[:16].detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _finish_when_done(record_file, batch_num):
+def _finish_when_done(record_file, batch_num, export_fused_model):
     def hook(module, args, output):
         if not is_calibrated(module) and all(
                 layer.input_quantizer.batches_seen >= batch_num for layer in quant_layers(module).values()):
             convert(module)
+            export_fused_model(module)  # bias correction (and NUQ/GPTQ weights) changed the float layers
             write_record(record_file, records(module))
             log.info(f"Calibration finished; record written to {os.path.realpath(record_file)}", "Calibration")
     return hook
@@ -91,10 +92,13 @@ def quantize_model(config_file, modified_onnx_file, record_file, model, input_da
     info = inspect_model(model, input_data)
     config = load_json(config_file, known_layers=info.layers)
     qmodel = prepare(model, config, input_data)
-    export_fused(qmodel, modified_onnx_file, input_data, input_names, output_names, dynamic_axes)
+    def export_fused_model(module):
+        export_fused(module, modified_onnx_file, input_data, input_names, output_names, dynamic_axes)
+
+    export_fused_model(qmodel)
     write_text(record_file, "")
     qmodel.register_forward_pre_hook(_capture_sample)
-    qmodel.register_forward_hook(_finish_when_done(record_file, config.batch_num))
+    qmodel.register_forward_hook(_finish_when_done(record_file, config.batch_num, export_fused_model))
     _CALIBRATIONS[os.path.realpath(modified_onnx_file)] = qmodel
     return qmodel
 

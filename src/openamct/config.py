@@ -19,6 +19,7 @@ from .proto import calibration_config_pytorch_pb2 as calib_pb2
 ACT_ALGOS = ("ifmr", "hfmg")
 WTS_ALGOS = ("arq_quantize", "nuq_quantize")
 CODEBOOKS = ("layer", "channel")
+ROUNDINGS = ("nearest", "gptq")
 HFMG_BINS = (1024, 2048, 4096, 8192)
 
 
@@ -75,6 +76,8 @@ class WeightQuantParams:
     num_steps: int = 32           # nuq_quantize: levels per codebook
     num_of_iteration: int = 1     # nuq_quantize: accepted for AMCT configs; the level search here is exact
     codebook: str = "layer"       # nuq_quantize: one codebook per "layer" or per output "channel"
+    rounding: str = "gptq"        # "nearest", or "gptq": weights chosen to minimise the output error
+    bias_correction: bool = True  # correct the output-mean shift that weight quantization leaves
 
     def __post_init__(self):
         _check(self.num_bits in (4, 6, 7, 8), "weight_quant_params.num_bits", self.num_bits, "4, 6, 7 or 8")
@@ -86,9 +89,11 @@ class WeightQuantParams:
             _check(isinstance(self.num_of_iteration, int) and self.num_of_iteration >= 0,
                    "weight_quant_params.num_of_iteration", self.num_of_iteration, "an integer >= 0")
             _check(self.codebook in CODEBOOKS, "weight_quant_params.codebook", self.codebook, " or ".join(CODEBOOKS))
+        _check(self.rounding in ROUNDINGS, "weight_quant_params.rounding", self.rounding, " or ".join(ROUNDINGS))
 
     def to_json(self) -> dict:
-        out = {"num_bits": self.num_bits, "wts_algo": self.wts_algo, "channel_wise": self.channel_wise}
+        out = {"num_bits": self.num_bits, "wts_algo": self.wts_algo, "channel_wise": self.channel_wise,
+               "rounding": self.rounding, "bias_correction": self.bias_correction}
         if self.wts_algo == "nuq_quantize":
             out.update(num_steps=self.num_steps, num_of_iteration=self.num_of_iteration, codebook=self.codebook)
         return out

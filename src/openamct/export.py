@@ -31,8 +31,12 @@ def _digest(array: np.ndarray) -> str:
 
 
 def float_copy(qmodel: torch.nn.Module) -> torch.nn.Module:
-    """The calibration model with every QuantLayer replaced by its (BN-folded) float layer."""
+    """The calibration model with every QuantLayer replaced by its (BN-folded) float layer, and without the
+    root hooks of the calibration model (copies of them would act as if the copy were the calibration model)."""
     model = copy.deepcopy(qmodel)
+    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(model, hooks).clear()
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLayer):
             parent, _, child = name.rpartition(".")

@@ -11,6 +11,7 @@ import weakref
 import numpy as np
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
@@ -19,7 +20,7 @@ from torch.utils._pytree import tree_map
 from .config import LayerConfig
 from .observers import OBSERVERS
 from . import nuq
-from .primitives import (act_qparams, channel_view, fake_quant, fake_quant_weight, quantize, quantize_bias,
+from .primitives import (act_qparams, channel_view, fake_quant, fake_quant_weight, qrange, quantize, quantize_bias,
                          weight_scales)
 
 
@@ -120,8 +121,11 @@ class WeightQuantizer(nn.Module):
         self.params, self.axis = params, axis
         self.levels = None  # NUQ codebook(s), int array [num_steps] or [out_channels, num_steps]
         self._table = None
+        self.fixed_scales = None  # set once GPTQ has chosen the weights: their scales must not move with them
 
     def scales(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.fixed_scales is not None:
+            return self.fixed_scales.to(weight.device)
         return weight_scales(weight, self.params.num_bits, self.params.channel_wise, self.axis)
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
@@ -158,6 +162,48 @@ class WeightQuantizer(nn.Module):
         return f"{algo}, bits={self.params.num_bits}, channel_wise={self.params.channel_wise}"
 
 
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, block: int = 128,
+         damp: float = 0.01) -> torch.Tensor:
+    """Weights on the quantizer's grid chosen column by column, each column's error pushed onto the columns not
+    yet quantized through the inverse Hessian E[x x^T] (Frantar et al. 2023, GPTQ): the layer's output error on
+    the calibration data, not the weight error, is what is minimised. Returns dequantized weights."""
+    shape = weight.shape
+    w = weight.detach().double().reshape(shape[0], -1).clone()
+    h = hessian.to(w.device).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    order = torch.argsort(torch.diag(h), descending=True)  # the columns that matter most go first
+    w, h = w[:, order], h[order][:, order]
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    scale = quantizer.scales(weight).double().reshape(-1, 1) if quantizer.params.channel_wise else \
+        quantizer.scales(weight).double().reshape(1, 1)
+    table = quantizer._table.to(w.device).double() if quantizer._table is not None else None
+    qmin, qmax = qrange(quantizer.params.num_bits)
+
+    def quantize_column(column):
+        codes = torch.clamp(torch.round(column / scale[:, 0]), qmin, qmax)
+        if table is not None:
+            rows = torch.arange(codes.shape[0], device=w.device) if table.shape[0] > 1 else \
+                torch.zeros(codes.shape[0], dtype=torch.long, device=w.device)
+            codes = table[rows, codes.long() + 128]
+        return codes * scale[:, 0]
+
+    out = torch.zeros_like(w)
+    for start in range(0, w.shape[1], block):
+        end = min(start + block, w.shape[1])
+        w1, errors = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start, dtype=w.dtype, device=w.device)
+        for k in range(end - start):
+            q = quantize_column(w1[:, k])
+            out[:, start + k] = q
+            error = (w1[:, k] - q) / upper[start + k, start + k]
+            w1[:, k:] -= error[:, None] * upper[start + k, start:end][None, k:]
+            errors[:, k] = error
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return out[:, torch.argsort(order)].reshape(shape).to(weight.dtype)
+
+
 class QuantLayer(nn.Module):
     """`layer` (BN already folded) run on fake-quantized input and weights through its own forward.
 
@@ -174,6 +220,27 @@ class QuantLayer(nn.Module):
         self.output_quantizer = output_quantizer
         self.input_moments = None  # running sums of each input channel's mean and mean square, and batch count
         self._moment_batches = 0
+        self.hessian = None  # GPTQ: running sum of E[x x^T] over the weight's columns
+
+    def __getattr__(self, name):
+        """Attributes the wrapped layer has (in_features, stride, ...) read through, so model code that uses them
+        keeps working after the swap."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+    def _gptq_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's input as rows of its weight's columns (Linear, or Conv2d with groups 1), else None."""
+        if isinstance(self.layer, nn.Linear):
+            return x.reshape(-1, x.shape[-1])
+        if isinstance(self.layer, nn.Conv2d) and self.layer.groups == 1:
+            layer = self.layer
+            if layer.kernel_size == (1, 1) and layer.stride == (1, 1):
+                return x.transpose(0, 1).reshape(x.shape[1], -1).t()
+            patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return None
 
     def _observe_input(self, x: torch.Tensor) -> None:
         channel_dim = -1 if isinstance(self.layer, nn.Linear) else 1
@@ -182,6 +249,11 @@ class QuantLayer(nn.Module):
         moments = torch.stack([x.mean(dims), x.pow(2).mean(dims)])
         self.input_moments = moments if self.input_moments is None else self.input_moments + moments
         self._moment_batches += 1
+        if self.weight_quantizer.params.rounding == "gptq":
+            rows = self._gptq_rows(x)
+            if rows is not None:
+                hessian = rows.t() @ rows / rows.shape[0]
+                self.hessian = hessian if self.hessian is None else self.hessian + hessian
 
     def _per_weight(self, channel_values: torch.Tensor) -> torch.Tensor:
         """Expand per-input-channel values to the weight's [out, in per group] layout."""
@@ -190,20 +262,28 @@ class QuantLayer(nn.Module):
         per_group = channel_values.reshape(groups, -1)
         return per_group.repeat_interleave(weight.shape[0] // groups, dim=0)
 
-    def finish_weights(self, bias_correction: bool = True) -> None:
-        """After calibration: fit the NUQ codebook, then correct the bias for the weight quantization's shift of
-        the output mean, (W_q - W) . E[x] per output channel (Nagel et al. 2019), so it is not left to compound."""
+    def finish_weights(self) -> None:
+        """After calibration: fit the NUQ codebook; choose the weights by GPTQ where configured; then correct the
+        bias for the shift of the output mean that weight quantization leaves, (W_q - W) . E[x] per output channel
+        (Nagel et al. 2019), so that it does not compound through the network."""
         if self.input_moments is None:
             return
         mean, power = (self.input_moments / self._moment_batches).to(self.layer.weight.device)
         self.input_moments = None
-        weight = self.layer.weight
-        if self.weight_quantizer.params.wts_algo == "nuq_quantize" and self.weight_quantizer.levels is None:
-            self.weight_quantizer.fit_codebook(weight, power, getattr(self.layer, "groups", 1))
-        if not bias_correction or self.axis != 0:
+        quantizer, weight = self.weight_quantizer, self.layer.weight
+        original = weight.detach().clone()
+        if quantizer.params.wts_algo == "nuq_quantize" and quantizer.levels is None:
+            quantizer.fit_codebook(weight, power, getattr(self.layer, "groups", 1))
+        if self.hessian is not None:
+            scales = quantizer.scales(weight)
+            with torch.no_grad():
+                weight.copy_(gptq(weight, self.hessian / self._moment_batches, quantizer))
+            quantizer.fixed_scales = scales
+            self.hessian = None
+        if not quantizer.params.bias_correction or self.axis != 0:
             return
         with torch.no_grad():
-            error = (self.weight_quantizer(weight) - weight).reshape(weight.shape[0], weight.shape[1], -1).sum(2)
+            error = (quantizer(weight) - original).reshape(weight.shape[0], weight.shape[1], -1).sum(2)
             shift = (error * self._per_weight(mean)).sum(1)
             if self.layer.bias is None:
                 self.layer.bias = nn.Parameter(torch.zeros_like(shift))

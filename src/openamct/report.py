@@ -91,7 +91,7 @@ def layer_errors(fp32_model: nn.Module | None, qmodel: nn.Module, batch, *, isol
     finally:
         qmodel.train(was_training)
     if fp32_model is None:
-        reference_model, names = _float_model(qmodel), {name: name for name in layers}
+        reference_model, names = float_copy(qmodel).eval(), {name: name for name in layers}
     else:
         reference_model, names = fp32_model, _references(fp32_model, qmodel, layers, batch)
     was_training = reference_model.training
@@ -104,19 +104,9 @@ def layer_errors(fp32_model: nn.Module | None, qmodel: nn.Module, batch, *, isol
             if names[name] in reference}
 
 
-def _float_model(qmodel: nn.Module) -> nn.Module:
-    """float_copy(qmodel) without the root hooks it inherits: the copy of the calibration model's
-    end-of-calibration hook would otherwise write an empty record file when the copy runs."""
-    model = float_copy(qmodel).eval()
-    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-        getattr(model, hooks, {}).clear()
-    return model
-
-
 def _isolated_errors(qmodel: nn.Module, layers, batch) -> dict:
     """Each QuantLayer run on the float copy's input to that layer, against the float layer's output."""
-    model = _float_model(qmodel)
+    model = float_copy(qmodel).eval()
     quant = dict(qmodel.named_modules())
     errors = {}
 

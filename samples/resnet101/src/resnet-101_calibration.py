@@ -170,11 +170,7 @@ def main(args):
             amct.create_quant_config(config_json_file, model, input_data, skip_layers, batch_num,
                                      config_defination=config_defination)
         except amct.ConfigError as err:
-            if 'nuq_config is not available' in str(err):
-                print('[ERROR] NUQ is not available yet in openamct ({}); run without --nuq for uniform INT8 '
-                      'quantization'.format(err), file=sys.stderr)
-            else:
-                print('[ERROR] {}'.format(err), file=sys.stderr)
+            print('[ERROR] {}'.format(err), file=sys.stderr)
             return 2
     else:
         amct.create_quant_config(config_json_file, model, input_data, skip_layers, batch_num)
