@@ -169,7 +169,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer
     the calibration data, not the weight error, is what is minimised. Returns dequantized weights."""
     shape = weight.shape
     w = weight.detach().double().reshape(shape[0], -1).clone()
-    h = hessian.to(w.device).clone()
+    h = hessian.to(w.device, torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
