@@ -1,8 +1,10 @@
-"""PTQ benchmark: openamct (IFMR, HFMG) against ONNX Runtime's quantize_static on EfficientNet-Lite0.
+"""PTQ benchmark: openamct (IFMR, HFMG, NUQ) against ONNX Runtime's quantize_static on EfficientNet-Lite0.
 
 Run by hand (not in CI), e.g. ``python benchmarks/ptq.py --out /tmp/ptqbench``.  Calibrates on the first
 ``--calib`` images (``--batch-num`` batches), evaluates on the first ``--eval``, and prints/writes one table:
 accuracy and top-1 agreement of every model, calibration time and peak RSS, ORT latency and integer-op counts.
+``--nuq 16,32`` adds one run per num_steps N ("nuqN": IFMR activations, NUQ weights on the Conv2d/Linear layers
+with at least 16*N weights, the rest uniform INT8) and a table of their weight bytes from save_model's report.
 Each openamct calibration runs in a spawned child so that its peak RSS is its own, as ORT's quantization
 does in ortbaseline.py; the peak is the child's VmHWM (ru_maxrss would include this process's RSS at the fork).
 """
@@ -35,6 +37,7 @@ MODEL = "efficientnet_lite0"
 IO = dict(input_names=["input"], output_names=["output"],
           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
 HFMG_CFG = "batch_num: {n}\ncommon_config {{ hfmg_quantize {{ num_of_bins: 4096 }} }}\n"
+NUQ_CFG = "batch_num: {n}\nnuq_config {{ nuq_quantize {{ num_steps: {steps} }} }}\n"
 
 
 def load_images(data: Path, n: int):
@@ -71,7 +74,8 @@ def agree(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------- openamct calibration (in a child process)
 
 def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n_eval: int, work: str) -> None:
-    """Child body: config, quantize_model + batch_num batches (timed), save_model, PyTorch-simulation logits."""
+    """Child body: config, quantize_model + batch_num batches (timed), save_model, PyTorch-simulation logits.
+    `algo` is "ifmr", "hfmg" or "nuqN" (NUQ weights with num_steps N)."""
     torch.set_num_threads(2)
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")  # console; amct_log/ in `work` keeps info
     os.chdir(work)
@@ -83,6 +87,9 @@ def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n
     if algo == "hfmg":
         cfg = os.path.join(work, "hfmg.cfg")
         Path(cfg).write_text(HFMG_CFG.format(n=batch_num))
+    elif algo.startswith("nuq"):
+        cfg = os.path.join(work, f"{algo}.cfg")
+        Path(cfg).write_text(NUQ_CFG.format(n=batch_num, steps=int(algo[3:])))
     t0 = time.perf_counter()
     amct.create_quant_config("config.json", model, x0, batch_num=batch_num, config_defination=cfg)
     t1 = time.perf_counter()
@@ -96,10 +103,14 @@ def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n
     report = amct.save_model("modified_model.onnx", "record.txt", os.path.join(work, algo))
     t3, save_peak = time.perf_counter(), proc_mem_mb()
     np.save("sim_logits.npy", predict(qmodel, images[:n_eval]))
+    nuq_layers = None
+    if "nuq_weights" in report["paths"]:
+        with np.load(report["paths"]["nuq_weights"]) as packed:
+            nuq_layers = len({key.rsplit(".", 1)[0] for key in packed.files})
     Path("result.json").write_text(json.dumps({
         "config_s": t1 - t0, "calib_s": t2 - t1, "base_rss_mb": base, "peak_rss_mb": peak, "save_s": t3 - t2,
         "save_peak_rss_mb": save_peak, "child_peak_rss_mb": proc_mem_mb(), "paths": report["paths"],
-        "parity": report["parity"]}))
+        "parity": report["parity"], "weight_bytes": report["weight_bytes"], "nuq_layers": nuq_layers}))
 
 
 def run_calibration(algo: str, images_path: str, args, out: Path) -> dict:
@@ -167,6 +178,12 @@ def markdown(results: dict) -> str:
         for b, ms in results["latency"]["ms"].items():
             lines.append(f"| {b} | " + " | ".join(f"{v:.1f}" for v in ms.values())
                          + f" | {ms['fp32'] / ms['ours_ifmr']:.2f} | {ms['ort_best'] / ms['ours_ifmr']:.2f} |")
+    if results.get("weights"):
+        lines += ["", "Weight bytes of the quantized Conv2d/Linear layers (save_model's report)", "",
+                  "| model | FP32 | uniform INT8 | NUQ packed | packed/INT8 | NUQ layers |", "|" + "---|" * 6]
+        for name, w in results["weights"].items():
+            lines.append(f"| {name} | {w['fp32']} | {w['int8']} | {w['nuq_packed']} | {w['packed_over_int8']:.3f} "
+                         f"| {w['nuq_layers']} of {w['layers']} |")
     if results.get("ops"):
         lines += ["", "Op counts after ORT level-ALL optimisation (integer ops; float Conv/MatMul/Gemm)", ""]
         for name, ops in results["ops"].items():
@@ -188,6 +205,7 @@ def main():
     p.add_argument("--batch-num", type=int, default=8)
     p.add_argument("--eval", type=int, default=800)
     p.add_argument("--algos", default="ifmr,hfmg")
+    p.add_argument("--nuq", default="", help="comma list of NUQ num_steps, e.g. 16,32: one NUQ run each")
     p.add_argument("--ort-methods", default="MinMax,Percentile")
     p.add_argument("--rounds", type=int, default=7, help="latency rounds (after 2 warm-up rounds)")
     p.add_argument("--out", type=Path, default=Path("/tmp/ptqbench"))
@@ -200,7 +218,8 @@ def main():
     watchdog = MemoryWatchdog(args.mem_limit_gb * 1024)
     watchdog.start()
     rows, notes = {}, []
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "notes": notes}
+    weights = {}
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "weights": weights, "notes": notes}
 
     images, labels = load_images(args.data, max(args.calib, args.eval))
     images_path = str(out / "images.npy")
@@ -218,7 +237,8 @@ def main():
     del model
 
     deploy = {}
-    for algo in [a for a in args.algos.split(",") if a]:
+    algos = [a for a in args.algos.split(",") if a] + [f"nuq{int(n)}" for n in args.nuq.split(",") if n]
+    for algo in algos:
         print(f"calibrating openamct {algo} ...", flush=True)
         c = run_calibration(algo, images_path, args, out)
         sim = np.load(out / algo / "sim_logits.npy")
@@ -231,6 +251,10 @@ def main():
             rows[f"{algo.upper()} {kind} ONNX (ORT)"] = evaluate(
                 ort_session(c["paths"][kind]), ev_x, ev_y, {**ref, "sim": sim})
         deploy[algo] = c["paths"]["deploy"]
+        if c["weight_bytes"]:
+            total = c["weight_bytes"]["total"]
+            weights[algo.upper()] = {**total, "packed_over_int8": total["nuq_packed"] / total["int8"],
+                                     "nuq_layers": c["nuq_layers"], "layers": len(c["weight_bytes"]["layers"])}
         notes.append(f"{algo}: create_quant_config {c['config_s']:.1f} s; save_model {c['save_s']:.1f} s, peak RSS "
                      f"through save_model {c['save_peak_rss_mb']:.0f} MB (the table's peak is through calibration)")
         for kind, par in (c["parity"] or {}).items():

@@ -44,14 +44,14 @@ def _nuq_layers(cfg_path, model, input_data, info) -> set:
     message = parse_cfg(cfg_path)
     if not message.HasField("nuq_config"):
         return set()
-    sizes = {name: model.get_submodule(name).weight.numel() for name, types in info.layers.items()
-             if set(types) & set(NUQ_TYPES)}
+    weights = {name: model.get_submodule(name).weight for name, types in info.layers.items()
+               if set(types) & set(NUQ_TYPES)}
     mapping_file = message.nuq_config.mapping_file
     if not mapping_file:
-        threshold = nuq_size_rule(message.nuq_config.nuq_quantize.num_steps)
-        chosen = {name for name, size in sizes.items() if size >= threshold}
-        log.info(f"NUQ: no mapping_file, so {len(chosen)} Conv2d/Linear layers with at least {threshold} weights "
-                 f"get non-uniform weights.", "NUQ")
+        num_steps = message.nuq_config.nuq_quantize.num_steps
+        chosen = {name for name, weight in weights.items() if nuq_size_rule(weight.shape, num_steps)}
+        log.info(f"NUQ: no mapping_file, so the {len(chosen)} Conv2d/Linear layers with at least {16 * num_steps} "
+                 f"weights and {num_steps} per output channel get non-uniform weights.", "NUQ")
         return chosen
     try:
         flagged = nuq.flagged_names(mapping_file)
@@ -61,7 +61,7 @@ def _nuq_layers(cfg_path, model, input_data, info) -> set:
     with tempfile.TemporaryDirectory() as tmp:
         nodes = {name: entry["node"] for name, entry in
                  export_fused(qmodel, os.path.join(tmp, "names.onnx"), input_data).items()}
-    chosen = {name for name in sizes if name in flagged or nodes.get(name) in flagged}
+    chosen = {name for name in weights if name in flagged or nodes.get(name) in flagged}
     if not chosen:
         raise ConfigError(f"{mapping_file}: flags no Conv2d/Linear layer of this model as compressible "
                           f"(_fe_weight_compress); {len(flagged)} flagged names, e.g. {sorted(flagged)[:3]}")

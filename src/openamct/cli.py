@@ -443,13 +443,15 @@ def run_calibrate(args) -> int:
     paths = {"config": str(config_file), "record": str(record_file), "modified_model": str(fused_file),
              "deploy_model": saved["paths"]["deploy"], "fake_quant_model": saved["paths"]["fake_quant"],
              "report": str(output / "quant_report.json"), "layer_error_plot": plot_file, "log": _log_path()}
+    if "nuq_weights" in saved["paths"]:
+        paths["nuq_weights"] = saved["paths"]["nuq_weights"]
     report = {"model": name, "source": args.model or args.model_file, "weights": args.weights,
               "preprocess": preprocess_name, "device": str(device), "images": str(Path(args.images).resolve()),
               "labels": args.labels, "quantized_layers": len(quant_layers(qmodel)),
               "calibration": {"batch_num": batch_num, "batch_size": args.batch_size,
                               "images": len(calibration) - calibration_skipped},
               "evaluation": results, "skipped_images": skipped, "parity": saved["parity"],
-              "layer_sqnr_db": errors, "layer_sqnr_db_isolated": isolated,
+              "layer_sqnr_db": errors, "layer_sqnr_db_isolated": isolated, "weight_bytes": saved["weight_bytes"],
               "paths": {key: os.path.abspath(value) for key, value in paths.items()}, "timings_s": timings}
     write_text(paths["report"], json.dumps(_json_safe(report), indent=2) + "\n")
     _print_summary(report, args)
@@ -461,6 +463,11 @@ def _print_summary(report, args) -> None:
     calib = report["calibration"]
     out.append(f"\n{report['model']}: {report['quantized_layers']} layers quantized to INT8, calibrated on "
                f"{calib['batch_num']} x {calib['batch_size']} images ({report['device']})")
+    if report["weight_bytes"]:
+        total = report["weight_bytes"]["total"]
+        nuq_layers = sum(row["nuq_packed"] < row["int8"] for row in report["weight_bytes"]["layers"].values())
+        out.append(f"  NUQ on {nuq_layers} layers: weights {total['fp32']} B fp32, {total['int8']} B int8, "
+                   f"{total['nuq_packed']} B packed ({total['nuq_packed'] / total['int8']:.3f} of int8)")
     if args.batch_num != calib["batch_num"] and args.config:
         out.append(f"  (batch_num {calib['batch_num']} from {args.config} replaces --batch-num {args.batch_num})")
     results = report["evaluation"]
@@ -492,9 +499,10 @@ def _print_summary(report, args) -> None:
     out.append("\nOutputs:")
     labels = {"config": "quant config", "record": "record", "modified_model": "fused float model",
               "deploy_model": "deploy model", "fake_quant_model": "fake-quant model", "report": "report",
-              "layer_error_plot": "layer error plot", "log": "log"}
+              "layer_error_plot": "layer error plot", "nuq_weights": "NUQ packed weights", "log": "log"}
     for key, label in labels.items():
-        out.append(f"  {label:<18} {report['paths'][key]}")
+        if key in report["paths"]:
+            out.append(f"  {label:<18} {report['paths'][key]}")
     out.append(f"\nSkipped images: {len(report['skipped_images'])}")
     for path in report["skipped_images"][:10]:
         out.append(f"  {path}")

@@ -8,6 +8,7 @@ Errors name the file, the line and the field at fault.
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -251,10 +252,12 @@ def parse_cfg(path: str) -> calib_pb2.AMCTConfig:
 NUQ_TYPES = ("Conv2d", "Linear")
 
 
-def nuq_size_rule(num_steps: int) -> int:
-    """Without a mapping file, NUQ goes to Conv2d/Linear layers with at least this many weights, so that the
-    codebook (num_steps bytes) is small next to the packed indices."""
-    return 16 * num_steps
+def nuq_size_rule(shape, num_steps: int) -> bool:
+    """Without a mapping file, NUQ goes to Conv2d/Linear layers with at least 16 x num_steps weights (the codebook
+    is small next to the packed indices) and at least num_steps weights per output channel (a depthwise conv's
+    9 or 25 weights per channel lose too much on a shared codebook, and weigh little)."""
+    count = math.prod(shape)
+    return count >= 16 * num_steps and count // shape[0] >= num_steps
 
 
 def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:

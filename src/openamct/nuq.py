@@ -71,7 +71,9 @@ def codebooks(codes: np.ndarray, importance: np.ndarray, num_steps: int, per_cha
     weights = importance.reshape(rows.shape)
     out = []
     for row, weight in zip(rows, weights):
-        counts = np.bincount(row.astype(np.int64) + 128, weights=weight, minlength=256)
+        present = np.bincount(row.astype(np.int64) + 128, minlength=256)
+        # a tiny share of the plain count keeps codes whose importance is 0 (dead inputs) in play
+        counts = np.bincount(row.astype(np.int64) + 128, weights=weight, minlength=256) + 1e-12 * present
         levels = optimal_levels(counts, num_steps)
         out.append(np.pad(levels, (0, num_steps - len(levels)), mode="edge"))
     return np.stack(out) if per_channel else out[0]
