@@ -44,15 +44,20 @@ def _outputs(model: nn.Module, names, batch) -> dict:
                 captured.setdefault(name, output.detach())
         return hook
 
+    _run_with_hooks(model, {name: keep(name) for name in names}, batch)
+    return captured
+
+
+def _run_with_hooks(model: nn.Module, hooks: dict, batch) -> None:
+    """One forward of `model` on `batch` with forward hooks on the named modules (those that exist)."""
     modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(keep(name)) for name in names if name in modules]
+    handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items() if name in modules]
     try:
         with torch.no_grad():
             model(*_as_tuple(batch))
     finally:
         for handle in handles:
             handle.remove()
-    return captured
 
 
 def _as_tuple(batch):
@@ -116,14 +121,7 @@ def _isolated_errors(qmodel: nn.Module, layers, batch) -> dict:
                 errors[name] = sqnr_db(output, quant[name](*args))
         return hook
 
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(compare(name)) for name in layers]
-    try:
-        with torch.no_grad():
-            model(*_as_tuple(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_with_hooks(model, {name: compare(name) for name in layers}, batch)
     return errors
 
 
