@@ -34,7 +34,7 @@ PARSER = argparse.ArgumentParser(description='ResNet-101 post-training quantizat
                                              'Run from the sample root; CUDA_VISIBLE_DEVICES=-1 runs on the CPU.')
 PARSER.add_argument('--nuq', dest='nuq', action='store_true',
                     help='non-uniform weight quantization with ./src/nuq_conf/nuq_quant.cfg '
-                         '(not available yet in openamct: exits with code 2)')
+                         '(outputs under ./outputs/nuq)')
 
 
 class InputError(Exception):
