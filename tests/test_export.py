@@ -81,9 +81,11 @@ def test_fake_quant_weights_and_bias_match_the_record(tmp_path):
     deploy = {i.name: numpy_helper.to_array(i) for i in onnx.load(report["paths"]["deploy"]).graph.initializer}
     fake = {i.name: numpy_helper.to_array(i) for i in onnx.load(report["paths"]["fake_quant"]).graph.initializer}
     scale_w = np.array(records["pw"].scale_w, dtype=np.float32)
-    np.testing.assert_array_equal(fake["pw.weight_fakequant"], deploy["pw.weight_quant"] * scale_w[:, None, None, None])
+    # AMCT's fake-quant form: the layer on integer codes, then one Mul by scale_d * scale_w
+    np.testing.assert_array_equal(fake["pw.weight_fakequant"], deploy["pw.weight_quant"])
+    np.testing.assert_array_equal(fake["pw.bias_fakequant"], deploy["pw.bias_quant"])
     grid = np.float32(records["pw"].scale_d) * scale_w
-    np.testing.assert_allclose(fake["pw.bias_fakequant"], deploy["pw.bias_quant"] * grid, rtol=1e-6)
+    np.testing.assert_array_equal(fake["pw.dequant"].ravel(), grid)
     assert np.abs(deploy["pw.weight_quant"]).max() <= 128
 
 

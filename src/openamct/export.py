@@ -223,9 +223,10 @@ def _quant_nodes(tensor: str, tag: str, scale: float, offset: int, num_bits: int
     off = const(f"{tag}.offset", np.float32(offset))
     lo, hi = const(f"{tag}.min", np.float32(qmin)), const(f"{tag}.max", np.float32(qmax))
     steps = [("Div", [tensor, s]), ("Round", []), ("Add", [off]), ("Clip", [lo, hi]), ("Sub", [off]), ("Mul", [s])]
+    names = {"Sub": f"{tag}.codes", "Mul": f"{tag}.dq"}  # codes feed the quantized layers, dq everything else
     chain, prev = [], None
-    for i, (op, extra) in enumerate(steps):
-        out = f"{tag}.dq" if i == len(steps) - 1 else f"{tag}.{op.lower()}"
+    for op, extra in steps:
+        out = names.get(op, f"{tag}.{op.lower()}")
         chain.append(helper.make_node(op, extra if prev is None else [prev] + extra, [out], name=out))
         prev = out
     return chain
@@ -241,7 +242,7 @@ def build_quantized(fused_path: str, records: dict, deploy: bool) -> onnx.ModelP
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     nodes = {n.name: n for n in graph.node}
-    added_nodes, new_inits, tensors = [], [], {}
+    added_nodes, new_inits, tensors, integer_inputs = [], [], {}, set()
 
     def const(name, array):
         new_inits.append(numpy_helper.from_array(np.asarray(array), name))
@@ -281,15 +282,25 @@ def build_quantized(fused_path: str, records: dict, deploy: bool) -> onnx.ModelP
                 added_nodes.append(helper.make_node("DequantizeLinear", [b, bs, bz], [f"{layer}.bias_dq"],
                                                     name=f"{layer}.bias_dq", **({"axis": 0} if per_channel else {})))
                 node.input[2] = f"{layer}.bias_dq"
-        else:
-            shape = _channel_shape(weight, entry["axis"], scale_w.size) if per_channel else ()
-            node.input[1] = const(f"{layer}.weight_fakequant", (codes * scale_w.reshape(shape)).astype(np.float32))
+        else:  # AMCT's form: the layer on integer codes, then Mul by scale_d * scale_w, as the simulation does
+            node.input[1] = const(f"{layer}.weight_fakequant", codes.astype(np.float32))
             if bias_name:
-                node.input[2] = const(f"{layer}.bias_fakequant", (bias_codes * grid).astype(np.float32))
+                node.input[2] = const(f"{layer}.bias_fakequant", bias_codes.astype(np.float32))
+            rank = weight.ndim if node.op_type in ("Conv", "ConvTranspose") else 1
+            shape = [1] * rank
+            if per_channel:
+                shape[1 if rank > 1 else 0] = grid.size
+            output = node.output[0]
+            node.output[0] = f"{layer}.acc"
+            added_nodes.append(helper.make_node("Mul", [f"{layer}.acc", const(f"{layer}.dequant", grid.reshape(shape))],
+                                                [output], name=f"{layer}.dequant"))
+            integer_inputs.add(node.name)
 
     for tensor, (tag, scale, offset, bits) in tensors.items():
         for node in graph.node:
             node.input[:] = [f"{tag}.dq" if name == tensor else name for name in node.input]
+            if node.name in integer_inputs and node.input[0] == f"{tag}.dq":
+                node.input[0] = f"{tag}.codes"
         added_nodes.extend(_quant_nodes(tensor, tag, scale, offset, bits, deploy, const))
 
     nodes = list(graph.node) + added_nodes

@@ -292,15 +292,34 @@ class QuantLayer(nn.Module):
     def forward(self, x):
         if not self.input_quantizer.calibrated:
             self._observe_input(x)
-        x = self.input_quantizer(x)
-        weight = self.weight_quantizer(self.layer.weight)
-        bias = self.layer.bias
-        if bias is not None and self.input_quantizer.calibrated:
-            # the deployed model adds the bias in INT32 on the accumulator grid: simulate that rounding too
-            grid = self.input_quantizer.scale * self.weight_quantizer.scales(self.layer.weight).to(bias.device)
-            bias = bias + (quantize_bias(bias, grid) * grid - bias).detach()
-        y = functional_call(self.layer, {"weight": weight, "bias": bias}, (x,))
+            x = self.input_quantizer(x)
+            y = functional_call(self.layer, {"weight": self.weight_quantizer(self.layer.weight)}, (x,))
+        else:
+            y = self._integer_forward(self.input_quantizer(x))
         return self.output_quantizer(y) if self.output_quantizer is not None else y
+
+    def _integer_forward(self, xq: torch.Tensor) -> torch.Tensor:
+        """The layer on integer codes, then one multiply by the accumulator scale scale_d * scale_w.
+
+        This is the deployed arithmetic: the conv of small integers is exact in float32, so the fake-quant ONNX
+        model (which does the same) agrees with this simulation bit for bit, and the bias is added as the INT32
+        codes QLinearConv adds. Gradients pass straight through the roundings.
+        """
+        scale = self.input_quantizer.scale
+        codes = xq / scale
+        codes = codes + (torch.round(codes) - codes).detach()
+        scale_w = self.weight_quantizer.scales(self.layer.weight).to(xq.device)
+        weight = self.layer.weight
+        weight_codes = weight / channel_view(scale_w, weight.dim(), self.axis)
+        weight_codes = weight_codes + (self.weight_quantizer.codes(weight) - weight_codes).detach()
+        grid = scale * scale_w
+        bias = self.layer.bias
+        if bias is not None:
+            bias = bias / grid
+            bias = bias + (quantize_bias(self.layer.bias, grid) - bias).detach()
+        acc = functional_call(self.layer, {"weight": weight_codes, "bias": bias}, (codes,))
+        channel_axis = acc.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
+        return acc * (channel_view(grid, acc.dim(), channel_axis) if grid.numel() > 1 else grid)
 
     def record(self) -> dict:
         """This layer's entry of the record file."""

@@ -57,10 +57,20 @@ def first_divergent_layer(onnx_model: onnx.ModelProto, mapping: dict, qmodel, in
     probe = onnx.ModelProto()
     probe.CopyFrom(onnx_model)
     node_out = {n.name: n.output[0] for n in probe.graph.node}
+    produced = {o for n in probe.graph.node for o in n.output}
+
+    def layer_output(layer):
+        """The tensor holding what the QuantLayer returns: after its output quantizer, or its dequantizing Mul."""
+        for name in (f"{layer}.quant_out.dq", node_out.get(f"{layer}.dequant")):
+            if name in produced:
+                return name
+        return node_out[mapping[layer]["node"]]
+
     names = [layer for layer in outputs if layer in mapping]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=node_out[mapping[n]["node"]]) for n in names)
+    tensors = [layer_output(n) for n in names]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
     sess = session(probe)
-    results = sess.run([node_out[mapping[n]["node"]] for n in names], _feeds(sess, inputs))
+    results = sess.run(tensors, _feeds(sess, inputs))
     for name, value in zip(names, results):
         if compare(outputs[name], value)["relative_diff"] > tolerance:
             return name
