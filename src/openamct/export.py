@@ -2,8 +2,9 @@
 
 The fused model carries, in its metadata, which ONNX node computes which quantized layer, so `save_model` needs
 only the two files, as in AMCT. Deploy: QuantizeLinear/DequantizeLinear with uint8 activations, int8 weights and
-int32 biases, the pattern ONNX Runtime turns into QLinearConv / QGemm / MatMulInteger kernels. Fake-quant: only
-Div/Round/Add/Clip/Sub/Mul and float weights on the INT8 grid, the same arithmetic as the PyTorch simulation.
+int32 biases, the pattern ONNX Runtime turns into QLinearConv / QGemm / MatMulInteger kernels. Fake-quant (AMCT's
+form, standard ops only): Div/Round/Add/Clip/Sub give integer codes, each layer runs on integer-valued weights and
+bias, and one Mul by scale_d * scale_w dequantizes its output, the same arithmetic as the PyTorch simulation.
 """
 import copy
 import hashlib
