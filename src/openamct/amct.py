@@ -106,7 +106,7 @@ def quantize_model(config_file, modified_onnx_file, record_file, model, input_da
 def save_quantized(fused_path, record_file, save_path, qmodel=None, input_data=None) -> dict:
     """Write the deploy and fake-quant models and check their parity (with `qmodel` when given)."""
     records_ = read_record(record_file)
-    _, mapping = read_fused(fused_path)
+    fused, mapping = read_fused(fused_path)
     if not records_:
         raise RuntimeError(f"save_model: record file {record_file} is empty: calibration has not finished "
                            f"(run batch_num batches through the model returned by quantize_model first)")
@@ -116,12 +116,12 @@ def save_quantized(fused_path, record_file, save_path, qmodel=None, input_data=N
     directory, prefix = os.path.split(save_path)
     stem = f"{prefix}_" if prefix else ""
     paths = {kind: os.path.join(directory or ".", f"{stem}{kind}_model.onnx") for kind in ("deploy", "fake_quant")}
-    models = {kind: build_quantized(fused_path, records_, deploy=kind == "deploy") for kind in paths}
+    models = {kind: build_quantized(fused, mapping, records_, deploy=kind == "deploy") for kind in paths}
     for kind, path in paths.items():
         write_bytes(path, models[kind].SerializeToString())
         log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
-    report = {"paths": paths, "parity": None, "weight_bytes": _write_nuq(fused_path, mapping, records_, directory,
-                                                                         stem, paths)}
+    report = {"paths": paths, "parity": None, "weight_bytes": _write_nuq(fused, mapping, records_, directory, stem,
+                                                                         paths)}
     if qmodel is not None:
         sample = getattr(qmodel, "openamct_sample", None) or (
             input_data if isinstance(input_data, tuple) else (input_data,))
@@ -138,12 +138,11 @@ def save_quantized(fused_path, record_file, save_path, qmodel=None, input_data=N
     return report
 
 
-def _write_nuq(fused_path, mapping, records_, directory, stem, paths) -> dict | None:
+def _write_nuq(fused, mapping, records_, directory, stem, paths) -> dict | None:
     """For NUQ layers: write `<prefix>_nuq_weights.npz` (packed indices + codebooks) and log weight bytes."""
     nuq_layers = [name for name in mapping if len(records_[name].nuq_levels)]
     if not nuq_layers:
         return None
-    fused, _ = read_fused(fused_path)
     inits = {i.name: i for i in fused.graph.initializer}
     packed, table = {}, {}
     for name, entry in mapping.items():

@@ -233,13 +233,14 @@ def _quant_nodes(tensor: str, tag: str, scale: float, offset: int, num_bits: int
     return chain
 
 
-def build_quantized(fused_path: str, records: dict, deploy: bool) -> onnx.ModelProto:
-    """The deploy (deploy=True) or fake-quant model for the fused model at `fused_path` and its record.
+def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy: bool) -> onnx.ModelProto:
+    """The deploy (deploy=True) or fake-quant model for the fused model (left unchanged) and its record.
 
     Each quantized tensor gets one quantize/dequantize chain and *all* its consumers read the dequantized value
     (as in the PyTorch simulation), so e.g. a residual add sees integers on both inputs.
     """
-    model, mapping = read_fused(fused_path)
+    model = onnx.ModelProto()
+    model.CopyFrom(fused)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     nodes = {n.name: n for n in graph.node}
