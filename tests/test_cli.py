@@ -256,6 +256,11 @@ def test_help_describes_every_option(capsys):
     for option in ("--model", "--model-file", "--onnx", "--weights", "--images", "--labels", "--batch-size",
                    "--eval", "--workers"):
         assert option in out, option
+    code, out, _ = _run(["retrain", "--help"], capsys)
+    assert code == 0
+    for option in ("--model", "--model-file", "--images", "--train", "--config", "--weight-bits", "--steps", "--lr",
+                   "--quant-lr", "--kd-weight", "--batch-num", "torchrun", "retrain_report.json", "checkpoint.pth"):
+        assert option in out, option
     code, _, err = _run([], capsys)
     assert code == 2 and "COMMAND" in err
 
@@ -312,3 +317,32 @@ def test_calibrate_efficientnet_lite0(in_tmp, capsys):
     assert report["preprocess"] == "efficientnet_lite0" and report["quantized_layers"] == 50
     assert "efficientnet_lite0: 50 layers quantized to INT8" in out
     assert (in_tmp / "outputs" / "efficientnet_lite0" / "efficientnet_lite0_deploy_model.onnx").is_file()
+
+
+def test_retrain_trains_exports_and_reports(tiny_file, in_tmp, capsys):
+    """`openamct retrain` on the tiny CNN: INT4 weights, 3 steps on 8 images, evaluation on the other 4."""
+    code, out, err = _run(["retrain", "--model-file", f"{tiny_file}:build", "--images", IMAGES, "--labels", SYNSETS,
+                           "--train", 8, "--eval", 4, "--batch-size", 4, "--steps", 3, "--weight-bits", 4,
+                           "--batch-num", 1, "--workers", 0, *THREADS], capsys)
+    assert code == 0, err
+    output = in_tmp / "outputs" / "build_retrain"
+    report = json.loads((output / "retrain_report.json").read_text())
+    assert report["train_images"] == 8 and report["eval_images"] == 4 and len(report["losses"]) == 3
+    assert all(result["ok"] for result in report["parity"].values())
+    assert "ulq_retrain { dst_type: INT4 }" in (output / "tmp" / "retrain.cfg").read_text()
+    for name in ("build_deploy_model.onnx", "build_fake_quant_model.onnx", "tmp/config.json", "tmp/checkpoint.pth"):
+        assert (output / name).exists(), name
+    assert 'key: "fc"' in (output / "tmp" / "record.txt").read_text()
+    assert "QAT deploy (ORT)" in out and "Accuracy on 4 held-out images" in out
+    assert "loss=" in err and "lr=" in err  # the progress bar
+
+
+def test_retrain_bad_inputs(tiny_file, in_tmp, capsys):
+    base = ["retrain", "--model-file", f"{tiny_file}:build", "--images", IMAGES, "--labels", SYNSETS, *THREADS]
+    code, _, err = _run(base + ["--train", 800], capsys)
+    _assert_one_line_error(code, err, "--train 800", "has 800 images")
+    code, _, err = _run(base + ["--config", "missing.cfg"], capsys)
+    _assert_one_line_error(code, err, "--config: file not found: missing.cfg")
+    Path("bad.cfg").write_text("batch_num: 1\nretrain_weight_quant_config { arq_retrain { dst_type: INT16 } }\n")
+    code, _, err = _run(base + ["--config", "bad.cfg", "--train", 8, "--batch-size", 4], capsys)
+    _assert_one_line_error(code, err, "bad.cfg:2", "dst_type")

@@ -33,8 +33,12 @@ def quant_layers(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
 
 
-def prepare(model: nn.Module, config: QuantConfig, input_data) -> nn.Module:
-    """A calibration copy of `model`: BN folded, QuantLayers in place. Logs what is and is not quantized."""
+def prepare(model: nn.Module, config: QuantConfig, input_data, *, make_quantizer=None,
+            make_layer=None) -> nn.Module:
+    """A calibration copy of `model`: BN folded, QuantLayers in place. Logs what is and is not quantized.
+
+    `make_quantizer(name, bounds)` and `make_layer(layer, name, input_quantizer, axis, output_quantizer)` build the
+    quantizers and layers (QAT passes learning ones); by default the PTQ ActQuantizer and QuantLayer."""
     info = inspect_model(model, input_data, config.skip_fusion_layers, config.do_fusion)
     check_names(config.layers, info.layers, "layer")
     check_names(config.skip_fusion_layers, info.layers, "skip_fusion_layers entry")
@@ -49,10 +53,17 @@ def prepare(model: nn.Module, config: QuantConfig, input_data) -> nn.Module:
         log.info(f"'{bn_name}' not fused: {reason}.", "ConvBnFusion")
     quantizers = {}  # tensor id -> its ActQuantizer, shared by every layer that reads or writes it
 
+    if make_layer is None:
+        def make_layer(layer, name, input_quantizer, axis, output_quantizer):
+            return QuantLayer(layer, config.layers[name], input_quantizer, name, axis, output_quantizer)
+    if make_quantizer is None:
+        def make_quantizer(name, bounds):
+            return ActQuantizer(config.layers[name].activation, config.asymmetric(name), config.batch_num, bounds,
+                                name)
+
     def quantizer(tensor_id, name, bounds=None):
         if tensor_id not in quantizers:
-            quantizers[tensor_id] = ActQuantizer(config.layers[name].activation, config.asymmetric(name),
-                                                 config.batch_num, bounds, name)
+            quantizers[tensor_id] = make_quantizer(name, bounds)
         return quantizers[tensor_id]
 
     enabled = config.enabled()
@@ -62,8 +73,8 @@ def prepare(model: nn.Module, config: QuantConfig, input_data) -> nn.Module:
         layer = qmodel.get_submodule(name)
         output = info.output_tensor[name]
         wants_output = output in info.adds
-        wrapped = QuantLayer(layer, config.layers[name], quantizers[info.input_tensor[name]], name,
-                             weight_axis(layer), quantizer(output, name) if wants_output else None)
+        wrapped = make_layer(layer, name, quantizers[info.input_tensor[name]], weight_axis(layer),
+                             quantizer(output, name) if wants_output else None)
         set_module(qmodel, name, wrapped)
     parameter = next(model.parameters(), None)
     if parameter is not None:
@@ -121,9 +132,10 @@ def quantize(model: nn.Module, config: QuantConfig, calibrate_fn, input_data) ->
 
 
 def export(qmodel: nn.Module, save_path: str, input_data, *, input_names=None, output_names=None,
-           dynamic_axes=None, check: bool = True) -> dict:
-    """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` (plus the fused model and
-    record under `<dir>/tmp/`) and check their parity with `qmodel`; returns the paths and the parity report."""
+           dynamic_axes=None, check: bool = True, record_file: str | None = None) -> dict:
+    """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` (plus the fused model, and the
+    record unless `record_file` names it, under `<dir>/tmp/`) and check their parity with `qmodel`; returns the
+    paths and the parity report."""
     from .amct import save_quantized  # the AMCT layer owns the file flow; the native call reuses it
     from .export import export_fused
     from .record import write_record
@@ -132,7 +144,7 @@ def export(qmodel: nn.Module, save_path: str, input_data, *, input_names=None, o
         raise RuntimeError("export: the model is not calibrated; run calibrate()/convert() first")
     directory = os.path.dirname(os.path.abspath(save_path))
     fused = os.path.join(directory, "tmp", "modified_model.onnx")
-    record = os.path.join(directory, "tmp", "record.txt")
+    record = record_file or os.path.join(directory, "tmp", "record.txt")
     export_fused(qmodel, fused, input_data, input_names, output_names, dynamic_axes)
     write_record(record, records(qmodel))
     return save_quantized(fused, record, save_path, qmodel if check else None, input_data)

@@ -1,6 +1,8 @@
-"""The `openamct` command: post-training quantization of an image classifier in one call, or its evaluation.
+"""The `openamct` command: post-training quantization of an image classifier in one call, quantization-aware
+training, or evaluation.
 
     openamct calibrate --model efficientnet_lite0 --images DIR [--labels FILE] [--output DIR] ...
+    openamct retrain --model efficientnet_lite0 --images DIR [--train N] [--weight-bits 4] [--steps N] ...
     openamct evaluate --onnx outputs/efficientnet_lite0/efficientnet_lite0_deploy_model.onnx --images DIR
 
 `calibrate` runs AMCT's flow (create_quant_config -> quantize_model -> batch_num calibration batches -> save_model)
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -120,7 +121,7 @@ def _device_argument(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="openamct",
-                     description="AMCT-compatible post-training quantization (INT8) of PyTorch image classifiers, "
+                     description="AMCT-compatible quantization (INT8 PTQ and QAT) of PyTorch image classifiers, "
                                  "with export to ONNX (deploy and fake-quant models).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -180,6 +181,53 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(evaluate, eval_help="evaluate on the first N images (default: all images)", eval_min=1)
     _device_argument(evaluate)
     evaluate.set_defaults(func=run_evaluate)
+
+    retrain = commands.add_parser(
+        "retrain", help="quantization-aware training: train the quantized model, export it, compare accuracies",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model quantized (AMCT's QAT flow) and compare its accuracy before and after.\n\n"
+                    "Steps: create_quant_retrain_config (from --config, else ULQ activations and --weight-bits "
+                    "weights)\n-> create_quant_retrain_model -> --steps training steps on the first --train images "
+                    "(distillation\nfrom the FP32 model by default) -> save_quant_retrain_model -> evaluation of the "
+                    "FP32 model, the\nquantized model and its deploy ONNX model on the other images.\n\n"
+                    "Multi-process: torchrun --nproc_per_node N $(which openamct) retrain ... (gloo on CPU, nccl "
+                    "with\n--device cuda; --batch-size is per process, only rank 0 writes files).",
+        epilog="outputs (OUTPUT: --output, else outputs/NAME_retrain):\n"
+               "  OUTPUT/tmp/retrain.cfg                the QAT simple config used (--config, or the generated one)\n"
+               "  OUTPUT/tmp/config.json                per-layer QAT config (create_quant_retrain_config)\n"
+               "  OUTPUT/tmp/record.txt                 scales and offsets of every quantized layer\n"
+               "  OUTPUT/tmp/checkpoint.pth             {'state_dict': ...} for restore_quant_retrain_model\n"
+               "  OUTPUT/NAME_deploy_model.onnx         INT8 QDQ model for deployment\n"
+               "  OUTPUT/NAME_fake_quant_model.onnx     float model simulating it\n"
+               "  OUTPUT/retrain_report.json            accuracies, losses, parity, paths and timings\n\n"
+               "example:\n"
+               "  openamct retrain --model efficientnet_lite0 --images data/images --labels data/synsets.txt \\\n"
+               "      --train 600 --weight-bits 4 --steps 150\n\n"
+               "exit status: 0 done, 2 bad input (one error line on stderr), 1 internal error.")
+    _model_arguments(retrain, onnx=False)
+    retrain.add_argument("--name", metavar="NAME", help="prefix of the exported files (default: the model name)")
+    _data_arguments(retrain, eval_help="evaluate on at most N of the held-out images (default: all of them)",
+                    eval_min=0)
+    train = retrain.add_argument_group("training")
+    train.add_argument("--train", type=_positive, metavar="N",
+                       help="the first N images train, the rest evaluate (default: three quarters)")
+    train.add_argument("--output", metavar="DIR", help="output folder (default outputs/NAME_retrain)")
+    train.add_argument("--config", metavar="FILE.cfg",
+                       help="AMCT QAT simple config (protobuf text of retrain_config_pytorch.proto)")
+    train.add_argument("--weight-bits", type=int, choices=(4, 8), default=8,
+                       help="without --config: INT8 weights (arq_retrain) or INT4 (ulq_retrain); default 8")
+    train.add_argument("--batch-num", type=_positive, default=2, metavar="N",
+                       help="without --config: batches that initialise the activation ranges (IFMR); default 2")
+    train.add_argument("--steps", type=_positive, default=150, metavar="N", help="training steps (default 150)")
+    train.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights (default 5e-5)")
+    train.add_argument("--quant-lr", type=float, default=1e-3,
+                       help="Adam learning rate of the quantizers' ranges and scales (default 1e-3)")
+    train.add_argument("--kd-weight", type=float, default=1.0,
+                       help="weight of distillation from the FP32 model against the labels' cross-entropy: 1 = "
+                            "distillation only (default), 0 = labels only")
+    train.add_argument("--seed", type=int, default=0, help="seed of the shuffling and augmentation (default 0)")
+    _device_argument(retrain)
+    retrain.set_defaults(func=run_retrain)
     return parser
 
 
@@ -222,13 +270,6 @@ def _dataset(args, preprocess):
         return LabelledImages(args.images, preprocess, labels=args.labels)
     except (OSError, ValueError) as err:
         raise UsageError(str(err)) from None
-
-
-def _first(dataset, count):
-    """The first `count` images of `dataset` (a shallow copy)."""
-    subset = copy.copy(dataset)
-    subset.samples = dataset.samples[:count]
-    return subset
 
 
 def _load_model(args):
@@ -394,7 +435,7 @@ def run_calibrate(args) -> int:
     _check_calibration_images(dataset, batch_num, args)
 
     from tqdm import tqdm
-    calibration = _first(dataset, batch_num * args.batch_size)
+    calibration = dataset.subset(0, batch_num * args.batch_size)
     loader = ImageLoader(calibration, args.batch_size, args.workers)
     sample, seen = None, 0
     with _timed(timings, "calibration"), torch.no_grad():
@@ -424,7 +465,7 @@ def run_calibrate(args) -> int:
 
     results = {}
     if args.eval != 0:
-        evaluation = _first(dataset, args.eval) if args.eval else dataset
+        evaluation = dataset.subset(0, args.eval) if args.eval else dataset
         predictors = {"fp32": _TorchPredictor(model, device), "simulation": _TorchPredictor(qmodel, device),
                       "deploy": _OnnxPredictor(saved["paths"]["deploy"], args.threads or 0)}
         with _timed(timings, "evaluation"):
@@ -532,7 +573,7 @@ def run_evaluate(args) -> int:
     preprocess_name = _preprocess_name(args)
     dataset = _dataset(args, _preprocess(preprocess_name))
     if args.eval:
-        dataset = _first(dataset, args.eval)
+        dataset = dataset.subset(0, args.eval)
     if args.onnx:
         if not os.path.isfile(args.onnx):
             raise UsageError(f"--onnx: file not found: {args.onnx}")
@@ -554,6 +595,133 @@ def run_evaluate(args) -> int:
     for path in skipped[:10]:
         print(f"  {path}")
     print(f"Total time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ retrain
+
+RETRAIN_CFG = ("batch_num: {batch_num}\n"
+               "retrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }}\n")
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): from torchrun's environment, with the process group initialised; (0, 1) without."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def run_retrain(args) -> int:
+    import openamct as amct
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+
+    from . import retrain
+    from .data import ImageLoader
+    from .fileio import write_text
+
+    start = time.perf_counter()
+    timings = {}
+    if args.config and not os.path.isfile(args.config):
+        raise UsageError(f"--config: file not found: {args.config}")
+    device = _device(args.device)
+    rank, world = _distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    preprocess_name = _preprocess_name(args)
+    preprocess = _preprocess(preprocess_name)
+    dataset = _dataset(args, preprocess)
+    n_train = args.train or len(dataset) * 3 // 4
+    if n_train >= len(dataset) or n_train < args.batch_size:
+        raise UsageError(f"--train {n_train}: {args.images} has {len(dataset)} images; training needs at least "
+                         f"--batch-size {args.batch_size} of them and evaluation at least one")
+    with _timed(timings, "load_model"):
+        model, model_name, input_shape = _load_model(args)
+    name = args.name or model_name
+    output = Path(args.output or Path("outputs") / f"{name}_retrain")
+    tmp = output / "tmp"
+    cfg, config_file, record_file = tmp / "retrain.cfg", tmp / "config.json", tmp / "record.txt"
+    model.to(device)
+    input_data = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    torch.manual_seed(args.seed)
+
+    if rank == 0:
+        if not args.config:
+            algo = "arq_retrain" if args.weight_bits == 8 else "ulq_retrain"
+            write_text(str(cfg), RETRAIN_CFG.format(batch_num=args.batch_num, algo=algo, bits=args.weight_bits))
+        amct.create_quant_retrain_config(str(config_file), model, input_data, args.config or str(cfg))
+        if args.config:
+            write_text(str(cfg), Path(args.config).read_text())
+    if world > 1:
+        dist.barrier()
+    qmodel = amct.create_quant_retrain_model(str(config_file), model, str(record_file), input_data)
+    trained = qmodel
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(qmodel, device_ids=ids)
+    train_set = dataset.subset(0, n_train, preprocess.augment(scale=(0.25, 1.0)))
+    sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
+    loader = ImageLoader(train_set, args.batch_size, args.workers, shuffle=True, sampler=sampler, drop_last=True)
+    groups = retrain.parameter_groups(qmodel, weight_decay=0.0)
+    groups[0]["lr"], groups[1]["lr"] = args.lr, args.quant_lr
+    optimizer = torch.optim.Adam(groups)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    with _timed(timings, "training"):
+        losses = retrain.train(trained, loader, args.steps, optimizer, scheduler=scheduler,
+                               teacher=model if args.kd_weight > 0 else None, kd_weight=args.kd_weight,
+                               device=device)
+    if rank != 0:
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+
+    qmodel.eval()
+    with _timed(timings, "save_model"):
+        torch.save({"state_dict": qmodel.state_dict()}, tmp / "checkpoint.pth")
+        qmodel.cpu()  # the parity check runs on CPU tensors
+        saved = amct.save_quant_retrain_model(str(config_file), qmodel, str(record_file), str(output / name),
+                                              input_data.cpu(), input_names=["input"], output_names=["output"],
+                                              dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
+        qmodel.to(device)
+    evaluation = dataset.subset(n_train, n_train + args.eval if args.eval else None)
+    predictors = {"fp32": _TorchPredictor(model, device), "qat": _TorchPredictor(qmodel, device),
+                  "deploy": _OnnxPredictor(saved["paths"]["deploy"], args.threads or 0)}
+    with _timed(timings, "evaluation"):
+        accuracy, _, top1, skipped = _evaluate(predictors, evaluation, args.batch_size, args.workers,
+                                               "evaluating fp32, qat, deploy")
+    timings["total"] = round(time.perf_counter() - start, 3)
+    report = {"model": name, "world_size": world, "device": str(device), "train_images": n_train,
+              "eval_images": accuracy["fp32"].count, "config": str(cfg), "steps": args.steps,
+              "batch_size": args.batch_size, "losses": losses,
+              "accuracy": {key: {"top1": acc.top1, "top5": acc.top5} for key, acc in accuracy.items()},
+              "deploy_qat_top1_agreement": float((top1["deploy"] == top1["qat"]).mean()),
+              "parity": saved["parity"], "skipped_images": skipped,
+              "paths": {key: os.path.abspath(value) for key, value in saved["paths"].items()}, "timings_s": timings}
+    write_text(str(output / "retrain_report.json"), json.dumps(_json_safe(report), indent=2) + "\n")
+    print(f"\n{name}: QAT with {cfg} on {n_train} images, {args.steps} steps x {args.batch_size} x {world} "
+          f"process(es), {timings['training']:.0f} s; final loss {np.mean(losses[-10:]):.4f}")
+    print(f"\nAccuracy on {report['eval_images']} held-out images:")
+    for key, label in (("fp32", "FP32 (PyTorch)"), ("qat", "QAT model (PyTorch)"), ("deploy", "QAT deploy (ORT)")):
+        acc = accuracy[key]
+        print(f"  {label:<22}{100 * acc.top1:>7.2f}%{100 * acc.top5:>8.2f}%")
+    print(f"  deploy and QAT model agree on the top-1 class of {100 * report['deploy_qat_top1_agreement']:.1f}% "
+          f"of the images")
+    for kind, result in saved["parity"].items():
+        print(f"  parity of the {kind} model: max abs diff {result['max_abs_diff']:.3g}"
+              + ("  ok" if result["ok"] else f"  DIVERGES from layer {result.get('first_divergent_layer')}"))
+    print("\nOutputs:")
+    for key, path in saved["paths"].items():
+        print(f"  {key:<12} {os.path.abspath(path)}")
+    print(f"  {'report':<12} {os.path.abspath(output / 'retrain_report.json')}")
+    print(f"Total time: {timings['total']:.1f} s")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -16,6 +16,7 @@ from google.protobuf import text_format
 
 from .fileio import write_text
 from .proto import calibration_config_pytorch_pb2 as calib_pb2
+from .proto import retrain_config_pytorch_pb2 as retrain_pb2
 
 ACT_ALGOS = ("ifmr", "hfmg")
 WTS_ALGOS = ("arq_quantize", "nuq_quantize")
@@ -45,7 +46,7 @@ class ActQuantParams:
     num_of_bins: int = 4096
 
     def __post_init__(self):
-        _check(self.num_bits in (8,), "activation_quant_params.num_bits", self.num_bits, "8")
+        _check(self.num_bits in (4, 8), "activation_quant_params.num_bits", self.num_bits, "4 or 8")
         _check(self.act_algo in ACT_ALGOS, "activation_quant_params.act_algo", self.act_algo, " or ".join(ACT_ALGOS))
         for name in ("max_percentile", "min_percentile"):
             value = getattr(self, name)
@@ -169,8 +170,8 @@ def _from_json_layer(obj: dict) -> LayerConfig:
                        weight=WeightQuantParams(**obj.get("weight_quant_params", {})))
 
 
-def load_json(path: str, known_layers=None) -> QuantConfig:
-    """Read a per-layer JSON config; errors carry `path:line`."""
+def _read_json(path: str, parse_layer, known_layers) -> tuple[str, dict, dict]:
+    """The file's text, its global keys, and its layer entries parsed by `parse_layer`; errors carry `path:line`."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -186,7 +187,7 @@ def load_json(path: str, known_layers=None) -> QuantConfig:
         try:
             if not isinstance(value, dict):
                 raise ConfigError(f"layer entry must be an object, got {value!r}")
-            layers[key] = _from_json_layer(value)
+            layers[key] = parse_layer(value)
         except (ConfigError, TypeError) as e:
             raise ConfigError(f"{path}:{_line_of(text, json.dumps(key))}: layer '{key}': {e}") from None
     if known_layers is not None:
@@ -194,6 +195,12 @@ def load_json(path: str, known_layers=None) -> QuantConfig:
             check_names(layers, known_layers, "layer")
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+    return text, data, layers
+
+
+def load_json(path: str, known_layers=None) -> QuantConfig:
+    """Read a per-layer JSON config (create_quant_config's); errors carry `path:line`."""
+    text, data, layers = _read_json(path, _from_json_layer, known_layers)
     try:
         return QuantConfig(layers=layers, batch_num=data.get("batch_num", 1),
                            activation_offset=bool(data.get("activation_offset", True)),
@@ -233,13 +240,14 @@ def _params_from_proto(base: LayerConfig, cfg: calib_pb2.CalibrationConfig) -> L
     return LayerConfig(quant_enable=base.quant_enable, activation=act, weight=wts)
 
 
-def parse_cfg(path: str) -> calib_pb2.AMCTConfig:
+def parse_cfg(path: str, root=calib_pb2.AMCTConfig):
+    """The simple config at `path` as a `root` message (AMCTConfig, or AMCTRetrainConfig for QAT)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    message = calib_pb2.AMCTConfig()
+    message = root()
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as e:
@@ -260,10 +268,10 @@ def nuq_size_rule(shape, num_steps: int) -> bool:
     return count >= 16 * num_steps and count // shape[0] >= num_steps
 
 
-def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
-    """Build the per-layer config from a simple config; `layer_types` maps layer name -> type names and
-    `nuq_layers` are the layers `nuq_config` applies to (chosen by the caller from the mapping file or size rule)."""
-    message = parse_cfg(path)
+def _checked_cfg(path: str, root, layer_types: dict):
+    """Parse a simple config and check its layer names and types against the model's; returns the message and
+    `at(needle, fn)`, which runs `fn` and prefixes its ConfigError with `path:line` of `needle`."""
+    message = parse_cfg(path, root)
     with open(path, encoding="utf-8") as f:
         text = f.read()
 
@@ -281,7 +289,13 @@ def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
         if entry.layer_type not in all_types:
             raise ConfigError(f"{path}:{_line_of(text, entry.layer_type)}: override_layer_types layer_type "
                               f"'{entry.layer_type}' matches no layer (types here: {sorted(all_types)})")
+    return message, at
 
+
+def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
+    """Build the per-layer config from a simple config; `layer_types` maps layer name -> type names and
+    `nuq_layers` are the layers `nuq_config` applies to (chosen by the caller from the mapping file or size rule)."""
+    message, at = _checked_cfg(path, calib_pb2.AMCTConfig, layer_types)
     if message.HasField("nuq_config"):
         at("num_steps", lambda: _nuq_params(message.nuq_config.nuq_quantize, WeightQuantParams()))
     common = at("common_config", lambda: _params_from_proto(LayerConfig(), message.common_config))
@@ -305,3 +319,165 @@ def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
     return at("batch_num", lambda: QuantConfig(
         layers=layers, batch_num=message.batch_num, activation_offset=message.activation_offset,
         do_fusion=message.do_fusion, skip_fusion_layers=tuple(message.skip_fusion_layers)))
+
+
+# ---------------------------------------------------------------- QAT (retrain) config, spec 3.2 and 3.4
+
+DST_BITS = {"INT4": 4, "INT8": 8}
+RETRAIN_WTS_ALGOS = ("arq_retrain", "ulq_retrain")
+
+
+def _dst_bits(dst_type: str, name: str) -> int:
+    _check(dst_type in DST_BITS, name, dst_type, " or ".join(DST_BITS))
+    return DST_BITS[dst_type]
+
+
+@dataclass(frozen=True)
+class RetrainDataParams:
+    """ULQ activations: a clip range learned in training, initialised from `clip_max`/`clip_min` when given,
+    else by IFMR on the first `batch_num` batches."""
+    algo: str = "ulq_quantize"
+    clip_max: float | None = None
+    clip_min: float | None = None
+    fixed_min: bool | None = None  # None: clip_min stays 0 where the input is bounded below by 0 (after a ReLU)
+    dst_type: str = "INT8"
+
+    def __post_init__(self):
+        _check(self.algo == "ulq_quantize", "retrain_data_config.algo", self.algo, "ulq_quantize")
+        _dst_bits(self.dst_type, "retrain_data_config.dst_type")
+        _check((self.clip_max is None) == (self.clip_min is None), "retrain_data_config.clip_max/clip_min",
+               [self.clip_max, self.clip_min], "both or neither")
+        if self.clip_max is not None:
+            _check(self.clip_max > 0, "retrain_data_config.clip_max", self.clip_max, "a value > 0")
+            _check(self.clip_min < 0 or (self.clip_min == 0 and self.fixed_min is not False),
+                   "retrain_data_config.clip_min", self.clip_min, "a value < 0 (or 0 with fixed_min)")
+
+    @property
+    def num_bits(self) -> int:
+        return DST_BITS[self.dst_type]
+
+    def to_json(self) -> dict:
+        out = {"algo": self.algo, "dst_type": self.dst_type}
+        if self.clip_max is not None:
+            out.update(clip_max=self.clip_max, clip_min=self.clip_min)
+        if self.fixed_min is not None:
+            out["fixed_min"] = self.fixed_min
+        return out
+
+
+@dataclass(frozen=True)
+class RetrainWeightParams:
+    """arq_retrain: symmetric range recomputed from the weights at every step; ulq_retrain: a learned scale."""
+    algo: str = "arq_retrain"
+    channel_wise: bool = True
+    dst_type: str = "INT8"
+
+    def __post_init__(self):
+        _check(self.algo in RETRAIN_WTS_ALGOS, "retrain_weight_config.algo", self.algo, " or ".join(RETRAIN_WTS_ALGOS))
+        _dst_bits(self.dst_type, "retrain_weight_config.dst_type")
+
+    @property
+    def num_bits(self) -> int:
+        return DST_BITS[self.dst_type]
+
+    def to_json(self) -> dict:
+        return {"algo": self.algo, "channel_wise": self.channel_wise, "dst_type": self.dst_type}
+
+
+@dataclass(frozen=True)
+class RetrainLayerConfig:
+    retrain_enable: bool = True
+    data: RetrainDataParams = field(default_factory=RetrainDataParams)
+    weight: RetrainWeightParams = field(default_factory=RetrainWeightParams)
+
+    def quant(self) -> LayerConfig:
+        """The PTQ view of this layer (bits, channel_wise; plain rounding): what the exported model holds."""
+        return LayerConfig(quant_enable=self.retrain_enable, activation=ActQuantParams(num_bits=self.data.num_bits),
+                           weight=WeightQuantParams(num_bits=self.weight.num_bits, channel_wise=self.weight.channel_wise,
+                                                    rounding="nearest", bias_correction=False))
+
+    def to_json(self) -> dict:
+        return {"retrain_enable": self.retrain_enable, "retrain_data_config": self.data.to_json(),
+                "retrain_weight_config": self.weight.to_json()}
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """What to train quantized and how: `batch_num` (batches of IFMR initialisation) and one entry per layer."""
+    layers: dict = field(default_factory=dict)
+    batch_num: int = 1
+    version: int = 1
+
+    def __post_init__(self):
+        _check(isinstance(self.batch_num, int) and self.batch_num > 0, "batch_num", self.batch_num, "an integer > 0")
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(layers={name: layer.quant() for name, layer in self.layers.items()},
+                           batch_num=self.batch_num)
+
+    def to_json(self) -> dict:
+        out = {"version": self.version, "batch_num": self.batch_num}
+        out.update({name: layer.to_json() for name, layer in self.layers.items()})
+        return out
+
+    def save(self, path: str) -> None:
+        write_text(path, json.dumps(self.to_json(), indent=4) + "\n")
+
+
+def _retrain_layer_from_json(obj: dict) -> RetrainLayerConfig:
+    return RetrainLayerConfig(retrain_enable=bool(obj.get("retrain_enable", True)),
+                              data=RetrainDataParams(**obj.get("retrain_data_config", {})),
+                              weight=RetrainWeightParams(**obj.get("retrain_weight_config", {})))
+
+
+def load_retrain_json(path: str, known_layers=None) -> RetrainConfig:
+    """Read a QAT JSON config (create_quant_retrain_config's); errors carry `path:line`."""
+    text, data, layers = _read_json(path, _retrain_layer_from_json, known_layers)
+    try:
+        return RetrainConfig(layers=layers, batch_num=data.get("batch_num", 1), version=data.get("version", 1))
+    except ConfigError as e:
+        raise ConfigError(f"{path}:{_line_of(text, 'batch_num')}: {e}") from None
+
+
+def _dst_name(value: int) -> str:
+    return retrain_pb2.DataType.Name(value)
+
+
+def _retrain_from_proto(base: RetrainLayerConfig, entry) -> RetrainLayerConfig:
+    data, weight = base.data, base.weight
+    if entry.HasField("retrain_data_quant_config") and entry.retrain_data_quant_config.HasField("ulq_quantize"):
+        m = entry.retrain_data_quant_config.ulq_quantize
+        clip = (round(m.clip_max_min.clip_max, 6), round(m.clip_max_min.clip_min, 6)) \
+            if m.HasField("clip_max_min") else (None, None)
+        data = RetrainDataParams(clip_max=clip[0], clip_min=clip[1],
+                                 fixed_min=m.fixed_min if m.HasField("fixed_min") else None,
+                                 dst_type=_dst_name(m.dst_type))
+    if entry.HasField("retrain_weight_quant_config"):
+        config = entry.retrain_weight_quant_config
+        algo = config.WhichOneof("quant_algo")
+        if algo:
+            m = getattr(config, algo)
+            weight = RetrainWeightParams(algo=algo, channel_wise=m.channel_wise, dst_type=_dst_name(m.dst_type))
+    return dataclasses.replace(base, data=data, weight=weight)
+
+
+def retrain_config_from_cfg(path: str, layer_types: dict) -> RetrainConfig:
+    """Build the QAT per-layer config from a `retrain_config_pytorch.proto` simple config; priority
+    layer > type > global; skip_* and quant_skip_* both skip."""
+    message, at = _checked_cfg(path, retrain_pb2.AMCTRetrainConfig, layer_types)
+    at("quant_skip_layers", lambda: check_names(message.quant_skip_layers, layer_types, "quant_skip_layers entry"))
+    common = at("retrain_", lambda: _retrain_from_proto(RetrainLayerConfig(), message))
+    skip_layers = set(message.skip_layers) | set(message.quant_skip_layers)
+    skip_types = set(message.skip_layer_types) | set(message.quant_skip_types)
+    layers = {}
+    for name, types in layer_types.items():
+        layer = common
+        for entry in message.override_layer_types:
+            if entry.layer_type in types:
+                layer = at(entry.layer_type, lambda: _retrain_from_proto(layer, entry))
+        for entry in message.override_layer_configs:
+            if entry.layer_name == name:
+                layer = at(entry.layer_name, lambda: _retrain_from_proto(layer, entry))
+        skipped = name in skip_layers or bool(skip_types & set(types))
+        layers[name] = dataclasses.replace(layer, retrain_enable=not skipped)
+    return at("batch_num", lambda: RetrainConfig(layers=layers, batch_num=message.batch_num))

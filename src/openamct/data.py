@@ -6,6 +6,8 @@ images, so FP32 accuracies can be reproduced without depending on torchvision.
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +47,52 @@ class Preprocess:
         left = (size[0] - self.crop) // 2
         top = (size[1] - self.crop) // 2
         image = image.crop((left, top, left + self.crop, top + self.crop))
-        array = np.asarray(image, dtype=np.float32) / np.float32(255)
-        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
+        return _normalised(image, self.mean, self.std)
+
+    def augment(self, scale: tuple[float, float] = (0.08, 1.0)) -> "Augment":
+        """The training preprocessing that goes with this one (same crop size, normalisation, interpolation)."""
+        return Augment(self.crop, self.mean, self.std, self.interpolation, scale)
+
+
+def _normalised(image: Image.Image, mean, std) -> np.ndarray:
+    """A float32 CHW array, scaled to [0, 1] then normalised per channel."""
+    array = np.asarray(image, dtype=np.float32) / np.float32(255)
+    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training preprocessing: a crop of random area (a `scale` fraction of the image) and aspect ratio (3/4..4/3)
+    resized to `crop`, then a random horizontal flip (torchvision's RandomResizedCrop + RandomHorizontalFlip).
+    Draws from torch's generator, so `torch.manual_seed` (and DataLoader's per-worker seeds) make it repeatable."""
+
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    scale: tuple[float, float] = (0.08, 1.0)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        image = image.convert("RGB")
+        width, height = image.size
+        box = None
+        for _ in range(10):
+            area = width * height * float(torch.empty(1).uniform_(*self.scale))
+            aspect = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3))))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(torch.randint(0, width - w + 1, ()))
+                top = int(torch.randint(0, height - h + 1, ()))
+                box = (left, top, left + w, top + h)
+                break
+        if box is None:  # fall back to the centre square
+            side = min(width, height)
+            box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
+        image = image.resize((self.crop, self.crop), _RESAMPLE[self.interpolation], box=box)
+        if float(torch.rand(())) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _normalised(image, self.mean, self.std)
 
 
 class LabelledImages(Dataset):
@@ -91,6 +136,13 @@ class LabelledImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, start: int = 0, stop: int | None = None, preprocess: Preprocess | None = None):
+        """The images start..stop of this set (e.g. a train/eval split), optionally with other preprocessing."""
+        part = copy.copy(self)
+        part.samples = self.samples[start:stop]
+        part.preprocess = preprocess or self.preprocess
+        return part
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
@@ -196,21 +248,29 @@ def _collate(items):
 
 
 class ImageLoader:
-    """Deterministic batches ``(float32 NCHW tensor, int64 labels)`` of a LabelledImages.
+    """Batches ``(float32 NCHW tensor, int64 labels)`` of a LabelledImages, in file order unless shuffled or
+    sampled (training: ``shuffle=True``, or a DistributedSampler under DDP).
 
     Images are decoded in ``workers`` processes when workers > 0. Unreadable images are skipped with a
     warning; after a pass, ``skipped`` lists their paths.
     """
 
-    def __init__(self, dataset: LabelledImages, batch_size: int, workers: int = 0):
+    def __init__(self, dataset: LabelledImages, batch_size: int, workers: int = 0, shuffle: bool = False,
+                 sampler=None, drop_last: bool = False):
         self.dataset = dataset
         self.skipped: list[str] = []
         self._loader = DataLoader(
-            _Tolerant(dataset), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate
+            _Tolerant(dataset), batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+            num_workers=workers, collate_fn=_collate, drop_last=drop_last, persistent_workers=workers > 0
         )
 
     def __len__(self) -> int:
         return len(self._loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new shuffle for each epoch under a DistributedSampler (as its docs require)."""
+        if hasattr(self._loader.sampler, "set_epoch"):
+            self._loader.sampler.set_epoch(epoch)
 
     def __iter__(self):
         self.skipped = []

@@ -1,7 +1,17 @@
-"""Atomic file output: a crash leaves the previous file or none, never half of one."""
+"""File output: atomic (a crash leaves the previous file or none, never half of one), and under
+torch.distributed only from rank 0."""
 import contextlib
 import os
 import tempfile
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the default process group (or of a torchrun launch not yet initialised), or no group at all."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextlib.contextmanager

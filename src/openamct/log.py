@@ -1,11 +1,13 @@
 """AMCT-style logging: `amct_log/amct_pytorch.log` under the working directory, AMCT's line format.
 
 Console level from AMCT_LOG_LEVEL, file level from AMCT_LOG_FILE_LEVEL (debug|info|warning|error, default info),
-as AMCT does, so porting users keep their habits. The file is opened lazily at the first message, so importing
+as AMCT does, so porting users keep their habits. Under torch.distributed only rank 0 writes the file. The file is opened lazily at the first message, so importing
 openamct never creates files.
 """
 import logging
 import os
+
+from .fileio import is_main_process
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - [AMCT]:[%(module_tag)s]: %(message)s"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -35,6 +37,8 @@ class _CwdFileHandler(logging.FileHandler):
         return os.path.join(os.getcwd(), "amct_log", "amct_pytorch.log")
 
     def emit(self, record):
+        if not is_main_process():  # ranks > 0 log to the console only
+            return
         path = self._path()
         if path != self.baseFilename:
             self.close()

@@ -54,6 +54,9 @@ _ACTIVE: list[QuantizedValues] = []
 
 def enter_simulation(module, args):
     """Forward pre-hook of the root model: quantized values flow to every consumer during this forward."""
+    if getattr(module, "_is_replica", False):
+        raise TypeError("openamct models cannot run under torch.nn.DataParallel (its replicas run in threads that "
+                        "do not share the quantized values); use DistributedDataParallel, one process per device")
     mode = QuantizedValues()
     mode.__enter__()
     _ACTIVE.append(mode)
@@ -62,6 +65,18 @@ def enter_simulation(module, args):
 def exit_simulation(module, args, output):
     if _ACTIVE:
         _ACTIVE.pop().__exit__(None, None, None)
+
+
+def shared_quantized(x: torch.Tensor, quantize_fn) -> torch.Tensor:
+    """`quantize_fn(x)`, computed once per tensor and forward, and handed to every consumer of `x`."""
+    mode = _ACTIVE[-1] if _ACTIVE else None
+    cached = mode.get(x) if mode is not None else None
+    if cached is not None:
+        return cached
+    xq = quantize_fn(x)
+    if mode is not None:
+        mode.put(x, xq)
+    return xq
 
 
 class ActQuantizer(nn.Module):
@@ -80,14 +95,7 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x):
         if self.calibrated:
-            mode = _ACTIVE[-1] if _ACTIVE else None
-            cached = mode.get(x) if mode is not None else None
-            if cached is not None:
-                return cached
-            xq = fake_quant(x, self.scale, self.offset, self.params.num_bits)
-            if mode is not None:
-                mode.put(x, xq)
-            return xq
+            return shared_quantized(x, lambda v: fake_quant(v, self.scale, self.offset, self.params.num_bits))
         seen = self._last_seen() if self._last_seen is not None else None
         if seen is not x and self.batches_seen < self.batch_num:  # AMCT ignores batches beyond batch_num
             self.observer.observe(x)
@@ -128,9 +136,10 @@ class WeightQuantizer(nn.Module):
             return self.fixed_scales.to(weight.device)
         return weight_scales(weight, self.params.num_bits, self.params.channel_wise, self.axis)
 
-    def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """INT8 codes as float, NUQ-snapped once a codebook is fitted."""
-        scale = channel_view(self.scales(weight).to(weight.device), weight.dim(), self.axis)
+    def codes(self, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """INT8 codes as float (on `scales`, by default the quantizer's), NUQ-snapped once a codebook is fitted."""
+        scales = self.scales(weight) if scales is None else scales
+        scale = channel_view(scales.to(weight.device), weight.dim(), self.axis)
         codes = quantize(weight.detach(), scale, 0, self.params.num_bits)
         if self._table is None:
             return codes
@@ -308,10 +317,10 @@ class QuantLayer(nn.Module):
         scale = self.input_quantizer.scale
         codes = xq / scale
         codes = codes + (torch.round(codes) - codes).detach()
-        scale_w = self.weight_quantizer.scales(self.layer.weight).to(xq.device)
+        scale_w = self.weight_scales().to(xq.device)
         weight = self.layer.weight
         weight_codes = weight / channel_view(scale_w, weight.dim(), self.axis)
-        weight_codes = weight_codes + (self.weight_quantizer.codes(weight) - weight_codes).detach()
+        weight_codes = weight_codes + (self.weight_quantizer.codes(weight, scale_w) - weight_codes).detach()
         grid = scale * scale_w
         bias = self.layer.bias
         if bias is not None:
@@ -321,9 +330,18 @@ class QuantLayer(nn.Module):
         channel_axis = acc.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
         return acc * (channel_view(grid, acc.dim(), channel_axis) if grid.numel() > 1 else grid)
 
+    def weight_scales(self) -> torch.Tensor:
+        """scale_w as deployed: the quantizer's, raised where the INT32 bias on the grid scale_d * scale_w would
+        overflow (channels whose weights BN folding made all but zero, whose codes are 0 either way)."""
+        scale_w = self.weight_quantizer.scales(self.layer.weight).detach()
+        if self.layer.bias is None:
+            return scale_w
+        floor = self.layer.bias.detach().abs().to(scale_w) / (float(self.input_quantizer.scale) * 2 ** 30)
+        return torch.maximum(scale_w, floor if scale_w.numel() > 1 else floor.max())
+
     def record(self) -> dict:
         """This layer's entry of the record file."""
-        scale_w = self.weight_quantizer.scales(self.layer.weight).cpu()
+        scale_w = self.weight_scales().cpu()
         entry = {"scale_d": float(self.input_quantizer.scale), "offset_d": int(self.input_quantizer.offset),
                  "scale_w": scale_w.tolist(), "offset_w": [0] * scale_w.numel()}
         if self.output_quantizer is not None:

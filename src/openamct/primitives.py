@@ -52,7 +52,7 @@ def weight_scales(weight: torch.Tensor, num_bits: int = 8, channel_wise: bool = 
     return torch.where(scale < FLT_EPSILON, torch.ones_like(scale), scale)
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
+def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() whose gradient passes straight through (for QAT)."""
     return x + (torch.round(x) - x).detach()
 
@@ -66,7 +66,7 @@ def quantize(x: torch.Tensor, scale, offset, num_bits: int = 8) -> torch.Tensor:
 def fake_quant(x: torch.Tensor, scale, offset, num_bits: int = 8) -> torch.Tensor:
     """Quantize then dequantize, with a straight-through gradient for values inside the range."""
     qmin, qmax = qrange(num_bits)
-    q = torch.clamp(_round_ste(x / scale) + offset, qmin, qmax)
+    q = torch.clamp(round_ste(x / scale) + offset, qmin, qmax)
     return (q - offset) * scale
 
 

@@ -1,0 +1,208 @@
+"""QAT benchmark: EfficientNet-Lite0 trained quantized on 600 sample images, evaluated on the other 200.
+
+Run by hand (not in CI), e.g. ``python benchmarks/qat.py --out /tmp/qatbench --bits 4,8``.
+For each weight bit width it reports top-1/top-5 on the 200 held-out images and top-1 agreement with FP32 for:
+- PTQ with AMCT's ARQ (nearest rounding, no bias correction) and with openamct's default (GPTQ + bias correction),
+  calibrated on the first 256 training images;
+- QAT through the AMCT calls (create_quant_retrain_config/model, training, save_quant_retrain_model), with the
+  exported deploy ONNX model evaluated in ONNX Runtime.
+``--world-size 2`` trains with DistributedDataParallel over 2 CPU processes (gloo), each with half the batch.
+
+Each of the 800 images is of a different class, so the 200 evaluation classes never occur in training: the default
+loss is pure distillation from the FP32 model (``--kd-weight 1``), which teaches all 1000 classes, where the
+labels alone would teach the model to prefer the 600 training classes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import openamct as amct  # noqa: E402
+from openamct import retrain  # noqa: E402
+from openamct.config import LayerConfig, QuantConfig, WeightQuantParams  # noqa: E402
+from openamct.data import Accuracy, ImageLoader, LabelledImages  # noqa: E402
+from openamct.graph import inspect_model  # noqa: E402
+from openamct.models import MODELS  # noqa: E402
+from openamct.parity import session  # noqa: E402
+
+MODEL = "efficientnet_lite0"
+IO = dict(input_names=["input"], output_names=["output"],
+          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+RETRAIN_CFG = "batch_num: {n}\nretrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }}\n"
+
+
+def dataset(args) -> LabelledImages:
+    return LabelledImages(args.data / "images", MODELS[MODEL].preprocess, labels=args.data / "synsets.txt")
+
+
+def tensors(images: LabelledImages) -> tuple[torch.Tensor, np.ndarray]:
+    xs, ys = zip(*ImageLoader(images, batch_size=50))
+    return torch.cat(xs), torch.cat(ys).numpy()
+
+
+def logits_of(model, images: torch.Tensor, batch: int = 50) -> np.ndarray:
+    if isinstance(model, torch.nn.Module):
+        with torch.no_grad():
+            return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)]).numpy()
+    return np.concatenate([model.run(None, {"input": images[i:i + batch].numpy()})[0]
+                           for i in range(0, len(images), batch)])
+
+
+def scores(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None) -> dict:
+    accuracy = Accuracy()
+    accuracy.update(logits, labels)
+    out = {"top1": 100 * accuracy.top1, "top5": 100 * accuracy.top5}
+    if reference is not None:
+        out["agree_fp32"] = 100 * float((logits.argmax(1) == reference.argmax(1)).mean())
+    return out
+
+
+def ptq(model, bits: int, rounding: str, calib: torch.Tensor, batch_num: int) -> tuple[torch.nn.Module, float]:
+    layers = inspect_model(model, calib[:1]).layers
+    weight = WeightQuantParams(num_bits=bits, rounding=rounding, bias_correction=rounding == "gptq")
+    config = QuantConfig(layers={name: LayerConfig(weight=weight) for name in layers}, batch_num=batch_num)
+    size = len(calib) // batch_num
+    start = time.perf_counter()
+    qmodel = amct.quantize(model, config, lambda m: [m(calib[i * size:(i + 1) * size]) for i in range(batch_num)],
+                           calib[:1])
+    return qmodel, time.perf_counter() - start
+
+
+def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> None:
+    """One training process: the AMCT QAT flow; rank 0 evaluates, exports and writes result.json."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, args.threads // world))
+    torch.manual_seed(args.seed)
+    os.environ.setdefault("AMCT_LOG_LEVEL", "warning")
+    spec = MODELS[MODEL]
+    model = spec.build(None)
+    images = dataset(args)
+    dummy = torch.randn(1, 3, 224, 224)
+    cfg = os.path.join(work, "retrain.cfg")
+    config, record = os.path.join(work, "config.json"), os.path.join(work, "record.txt")
+    if rank == 0:
+        algo = "ulq_retrain" if bits < 8 else "arq_retrain"
+        Path(cfg).write_text(RETRAIN_CFG.format(n=args.init_batches, algo=algo, bits=bits))
+        amct.create_quant_retrain_config(config, model, dummy, cfg)
+    if world > 1:
+        dist.barrier()
+    qmodel = amct.create_quant_retrain_model(config, model, record, dummy)
+    trained = torch.nn.parallel.DistributedDataParallel(qmodel) if world > 1 else qmodel
+    train_set = images.subset(0, args.train, spec.preprocess.augment(scale=(0.25, 1.0)))
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
+    loader = ImageLoader(train_set, args.batch_size // world, workers=args.workers, shuffle=True, sampler=sampler,
+                         drop_last=True)
+    groups = retrain.parameter_groups(qmodel, weight_decay=0.0)
+    groups[0]["lr"], groups[1]["lr"] = args.lr, args.quant_lr
+    optimizer = torch.optim.Adam(groups)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    start = time.perf_counter()
+    losses = retrain.train(trained, loader, args.steps, optimizer, scheduler=scheduler, teacher=model,
+                           kd_weight=args.kd_weight, temperature=args.temperature)
+    train_time = time.perf_counter() - start
+    quant_state = torch.cat([p.detach().reshape(-1) for n, p in qmodel.named_parameters()
+                             if n.rsplit(".", 1)[-1] in ("clip_max", "clip_min", "scale")])
+    spread = 0.0
+    if world > 1:  # the ranks must hold identical quantizers (DDP averages their gradients)
+        gathered = [torch.empty_like(quant_state) for _ in range(world)]
+        dist.all_gather(gathered, quant_state)
+        spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
+    if rank == 0:
+        qmodel.eval()
+        evaluation, labels = tensors(images.subset(args.train))
+        sim = logits_of(qmodel, evaluation)
+        report = amct.save_quant_retrain_model(config, qmodel, record, os.path.join(work, "qat"), dummy, **IO)
+        deploy = logits_of(session(report["paths"]["deploy"], args.threads), evaluation)
+        result = {"train_s": train_time, "losses": losses, "rank_spread": spread, "sim": sim.tolist(),
+                  "deploy": deploy.tolist(), "parity": report["parity"]}
+        Path(work, "result.json").write_text(json.dumps(result))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_qat(args, bits: int) -> dict:
+    work = tempfile.mkdtemp(prefix=f"qat_w{bits}_", dir=args.out)
+    if args.world_size > 1:
+        mp.spawn(qat_worker, args=(args.world_size, args, bits, work, 29500 + bits), nprocs=args.world_size)
+    else:
+        qat_worker(0, 1, args, bits, work, 0)
+    result = json.loads(Path(work, "result.json").read_text())
+    result["work"] = work
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imagenet-sample")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--bits", default="4,8", help="weight bit widths, comma-separated (activations: 8)")
+    parser.add_argument("--train", type=int, default=600, help="the first N images train, the rest evaluate")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over --world-size)")
+    parser.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights")
+    parser.add_argument("--quant-lr", type=float, default=1e-3, help="Adam learning rate of clips and scales")
+    parser.add_argument("--kd-weight", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--init-batches", type=int, default=2, help="batch_num: batches of IFMR initialisation")
+    parser.add_argument("--calib-batches", type=int, default=8, help="PTQ: batches of 32 of calibration")
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-ptq", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("AMCT_LOG_LEVEL", "warning")
+
+    images = dataset(args)
+    evaluation, labels = tensors(images.subset(args.train))
+    model = MODELS[MODEL].build(None)
+    fp32 = logits_of(model, evaluation)
+    rows = [("FP32", scores(fp32, labels, None), "")]
+    for bits in [int(b) for b in args.bits.split(",")]:
+        if not args.skip_ptq:
+            calib, _ = tensors(images.subset(0, 32 * args.calib_batches))
+            for rounding, name in (("nearest", "ARQ"), ("gptq", "GPTQ")):
+                qmodel, seconds = ptq(model, bits, rounding, calib, args.calib_batches)
+                rows.append((f"PTQ W{bits}A8 {name}", scores(logits_of(qmodel, evaluation), labels, fp32),
+                             f"calib {seconds:.0f} s"))
+                print(rows[-1], flush=True)
+        result = run_qat(args, bits)
+        sim, deploy = np.asarray(result["sim"]), np.asarray(result["deploy"])
+        note = (f"train {result['train_s']:.0f} s, {args.steps} steps x {args.batch_size}, world {args.world_size}, "
+                f"final loss {np.mean(result['losses'][-10:]):.3f}, rank spread {result['rank_spread']:.2g}")
+        rows.append((f"QAT W{bits}A8", scores(sim, labels, fp32), note))
+        deploy_scores = scores(deploy, labels, fp32)
+        deploy_scores["agree_sim"] = 100 * float((deploy.argmax(1) == sim.argmax(1)).mean())
+        rows.append((f"QAT W{bits}A8 deploy ONNX", deploy_scores, result["work"]))
+        print(rows[-2], rows[-1], flush=True)
+
+    print(f"\nEfficientNet-Lite0, trained on images 0..{args.train - 1}, evaluated on the other "
+          f"{len(labels)} (top-1 / top-5 %, top-1 agreement with FP32 %)")
+    print(f"{'model':28s} {'top1':>7s} {'top5':>7s} {'agree':>7s}  notes")
+    for name, s, note in rows:
+        agree = f"{s['agree_fp32']:7.2f}" if "agree_fp32" in s else " " * 7
+        extra = f", agree sim {s['agree_sim']:.2f}" if "agree_sim" in s else ""
+        print(f"{name:28s} {s['top1']:7.2f} {s['top5']:7.2f} {agree}  {note}{extra}")
+    (args.out / "qat_results.json").write_text(json.dumps([{"model": n, **s, "notes": t} for n, s, t in rows],
+                                                          indent=1))
+
+
+if __name__ == "__main__":
+    main()
