@@ -284,7 +284,10 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
                 added_nodes.append(helper.make_node("DequantizeLinear", [b, bs, bz], [f"{layer}.bias_dq"],
                                                     name=f"{layer}.bias_dq", **({"axis": 0} if per_channel else {})))
                 node.input[2] = f"{layer}.bias_dq"
-        else:  # AMCT's form: the layer on integer codes, then Mul by scale_d * scale_w, as the simulation does
+        else:  # AMCT's form: the layer on integer codes, then the accumulator scale, as the simulation does.
+            # A Div by 1 / (scale_d * scale_w), not a Mul: ONNX Runtime folds a constant Mul after a Conv into its
+            # weights (ConvMulFusion), which takes the conv off the integers; a Div it leaves alone, so this model
+            # reproduces the simulation bit for bit.
             node.input[1] = const(f"{layer}.weight_fakequant", codes.astype(np.float32))
             if bias_name:
                 node.input[2] = const(f"{layer}.bias_fakequant", bias_codes.astype(np.float32))
@@ -294,7 +297,8 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
                 shape[1 if rank > 1 else 0] = grid.size
             output = node.output[0]
             node.output[0] = f"{layer}.acc"
-            added_nodes.append(helper.make_node("Mul", [f"{layer}.acc", const(f"{layer}.dequant", grid.reshape(shape))],
+            inverse = (np.float32(1) / grid).astype(np.float32).reshape(shape)
+            added_nodes.append(helper.make_node("Div", [f"{layer}.acc", const(f"{layer}.dequant", inverse)],
                                                 [output], name=f"{layer}.dequant"))
             integer_inputs.add(node.name)
 

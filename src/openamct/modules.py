@@ -308,7 +308,7 @@ class QuantLayer(nn.Module):
         return self.output_quantizer(y) if self.output_quantizer is not None else y
 
     def _integer_forward(self, xq: torch.Tensor) -> torch.Tensor:
-        """The layer on integer codes, then one multiply by the accumulator scale scale_d * scale_w.
+        """The layer on integer codes, then one division by 1 / (scale_d * scale_w), the accumulator scale.
 
         This is the deployed arithmetic: the conv of small integers is exact in float32, so the fake-quant ONNX
         model (which does the same) agrees with this simulation bit for bit, and the bias is added as the INT32
@@ -328,7 +328,8 @@ class QuantLayer(nn.Module):
             bias = bias + (quantize_bias(self.layer.bias, grid) - bias).detach()
         acc = functional_call(self.layer, {"weight": weight_codes, "bias": bias}, (codes,))
         channel_axis = acc.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
-        return acc * (channel_view(grid, acc.dim(), channel_axis) if grid.numel() > 1 else grid)
+        inverse = 1.0 / grid  # divided by, as the fake-quant ONNX model does (see export.build_quantized)
+        return acc / (channel_view(inverse, acc.dim(), channel_axis) if inverse.numel() > 1 else inverse)
 
     def weight_scales(self) -> torch.Tensor:
         """scale_w as deployed: the quantizer's, raised where the INT32 bias on the grid scale_d * scale_w would
