@@ -101,6 +101,9 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
     if world > 1:
         dist.barrier()
     qmodel = amct.create_quant_retrain_model(config, model, record, dummy)
+    if args.init == "ptq":  # refine the PTQ (GPTQ + bias correction) solution
+        calib, _ = tensors(images.subset(0, 32 * args.calib_batches))
+        retrain.start_from(qmodel, ptq(model, bits, "gptq", calib, args.calib_batches)[0])
     trained = torch.nn.parallel.DistributedDataParallel(qmodel) if world > 1 else qmodel
     train_set = images.subset(0, args.train, spec.preprocess.augment(scale=(0.25, 1.0)))
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
@@ -108,6 +111,10 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
                          drop_last=True)
     groups = retrain.parameter_groups(qmodel, weight_decay=0.0)
     groups[0]["lr"], groups[1]["lr"] = args.lr, args.quant_lr
+    if args.lr == 0:  # the quantizers alone learn
+        for parameter in groups[0]["params"]:
+            parameter.requires_grad_(False)
+        groups = groups[1:]
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     start = time.perf_counter()
@@ -115,7 +122,7 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
                            kd_weight=args.kd_weight, temperature=args.temperature)
     train_time = time.perf_counter() - start
     quant_state = torch.cat([p.detach().reshape(-1) for n, p in qmodel.named_parameters()
-                             if n.rsplit(".", 1)[-1] in ("clip_max", "clip_min", "scale")])
+                             if n.rsplit(".", 1)[-1] in ("clip_max", "clip_min", "log_scale")])
     spread = 0.0
     if world > 1:  # the ranks must hold identical quantizers (DDP averages their gradients)
         gathered = [torch.empty_like(quant_state) for _ in range(world)]
@@ -154,12 +161,14 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=600, help="the first N images train, the rest evaluate")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over --world-size)")
-    parser.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights")
+    parser.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights (0: frozen)")
     parser.add_argument("--quant-lr", type=float, default=1e-3, help="Adam learning rate of clips and scales")
     parser.add_argument("--kd-weight", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--init-batches", type=int, default=2, help="batch_num: batches of IFMR initialisation")
     parser.add_argument("--calib-batches", type=int, default=8, help="PTQ: batches of 32 of calibration")
+    parser.add_argument("--init", choices=("ifmr", "ptq"), default="ptq",
+                        help="QAT starts from the float weights with IFMR ranges, or from the PTQ (GPTQ) model")
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)

@@ -146,13 +146,13 @@ def test_qat_flow_trains_clips_and_exports_with_parity(tmp_path):
 
 def test_int4_weights_export_on_the_learned_grid(tmp_path):
     qmodel, _, example = qat_flow(tmp_path, "retrain_weight_quant_config { ulq_retrain { dst_type: INT4 } }\n")
-    learned = {name: m.weight_quantizer.scale.detach().clone() for name, m in qmodel.named_modules()
+    learned = {name: m.weight_quantizer.log_scale.detach().exp() for name, m in qmodel.named_modules()
                if isinstance(m, retrain.RetrainLayer)}
     report = amct.save_quant_retrain_model("tmp/config.json", qmodel, "tmp/record.txt", "out/w4", example)
     assert all(result["ok"] for result in report["parity"].values()), report["parity"]
     records = read_record("tmp/record.txt")
     for name, scale in learned.items():
-        np.testing.assert_allclose(records[name].scale_w, scale.abs().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(records[name].scale_w, scale.numpy(), rtol=1e-6)
     deploy = onnx.load("out/w4_deploy_model.onnx")
     int8_weights = [numpy_helper.to_array(i) for i in deploy.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert int8_weights and all(w.min() >= -8 and w.max() <= 7 for w in int8_weights)
@@ -224,3 +224,16 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert ranks[1]["written"] == []
     assert any(p.endswith("ddp_deploy_model.onnx") for p in ranks[0]["written"])
     assert (out_dir / "out/ddp_fake_quant_model.onnx").exists() and (out_dir / "tmp/record.txt").read_text()
+
+
+def test_start_from_a_calibrated_model(tmp_path):
+    """QAT initialised from PTQ: before any training step its eval output is the PTQ simulation's."""
+    model, x = convnet(), ConvNet.example_input(8)
+    calibrated = amct.quantize(model, amct.default_config(model, x), lambda m: m(x), x)
+    os.chdir(tmp_path)
+    amct.create_quant_retrain_config("c.json", model, x)
+    qmodel = retrain.start_from(amct.create_quant_retrain_model("c.json", model, "r.txt", x), calibrated)
+    assert retrain.initialised(qmodel)
+    qmodel.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), calibrated(x), atol=1e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from .api import prepare
+from .api import prepare, quant_layers
 from .config import RetrainConfig
 from .fileio import is_main_process
 from .modules import QuantLayer, WeightQuantizer, shared_quantized
@@ -132,15 +132,16 @@ def least_error_scales(weight: torch.Tensor, num_bits: int, channel_wise: bool, 
 
 
 class LearnedWeightQuantizer(WeightQuantizer):
-    """ulq_retrain: the per-channel (or per-tensor) scale is a parameter; fake_quant's straight-through rounding
-    gives it the LSQ gradient (round(w/s) - w/s inside the range, the range end outside)."""
+    """ulq_retrain: the per-channel (or per-tensor) scale is learned; fake_quant's straight-through rounding gives
+    it the LSQ gradient (round(w/s) - w/s inside the range, the range end outside). It is learned as its logarithm:
+    an optimizer step then changes every channel's scale by a similar fraction, whether it is 1e-4 or 1."""
 
     def __init__(self, params, axis: int, weight: torch.Tensor):
         super().__init__(params, axis)
-        self.scale = nn.Parameter(least_error_scales(weight, params.num_bits, params.channel_wise, axis))
+        self.log_scale = nn.Parameter(least_error_scales(weight, params.num_bits, params.channel_wise, axis).log())
 
     def scales(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.scale.abs().clamp(min=FLT_EPSILON)
+        return self.log_scale.exp()
 
     def forward(self, weight):
         return fake_quant_weight(weight, self.scales(weight), self.params.num_bits, self.axis)
@@ -182,6 +183,36 @@ def prepare_retrain(model: nn.Module, config: RetrainConfig, input_data) -> nn.M
     return qmodel.train(model.training)
 
 
+def start_from(qmodel: nn.Module, calibrated: nn.Module) -> nn.Module:
+    """Start QAT from a calibrated PTQ model of the same float model and bit widths (e.g. GPTQ rounding and bias
+    correction): its weights, biases and weight scales, and its activation ranges as the initial clips. With few
+    images, refining a good PTQ solution generalises better than training from the float weights. Call it before
+    creating the optimizer (a layer may gain a bias)."""
+    sources = quant_layers(calibrated)
+    for name, layer in quant_layers(qmodel).items():
+        if name not in sources:
+            raise KeyError(f"start_from: layer '{name}' is not quantized in the calibrated model")
+        source = sources[name]
+        with torch.no_grad():
+            layer.layer.weight.copy_(source.layer.weight)
+            if source.layer.bias is not None and layer.layer.bias is None:
+                layer.layer.bias = nn.Parameter(source.layer.bias.detach().clone())
+            elif source.layer.bias is not None:
+                layer.layer.bias.copy_(source.layer.bias)
+            if isinstance(layer.weight_quantizer, LearnedWeightQuantizer):
+                layer.weight_quantizer.log_scale.copy_(source.weight_quantizer.scales(source.layer.weight).log())
+            for mine, theirs in ((layer.input_quantizer, source.input_quantizer),
+                                 (layer.output_quantizer, source.output_quantizer)):
+                if mine is not None and theirs is not None and not mine.initialized:
+                    qmin, qmax = qrange(theirs.params.num_bits)
+                    scale, offset = float(theirs.scale), float(theirs.offset)
+                    mine.clip_min.fill_(min(0.0, (qmin - offset) * scale))
+                    mine.clip_max.fill_((qmax - offset) * scale)
+                    mine.initialized.fill_(True)
+                    mine.observer = None
+    return qmodel
+
+
 def initialised(qmodel: nn.Module) -> bool:
     quantizers = [m for m in qmodel.modules() if isinstance(m, ULQActQuantizer)]
     return bool(quantizers) and all(bool(q.initialized) for q in quantizers)
@@ -194,7 +225,7 @@ def parameter_groups(qmodel: nn.Module, weight_decay: float = 1e-4) -> list[dict
     for name, parameter in qmodel.named_parameters():
         if parameter.requires_grad:
             leaf = name.rsplit(".", 1)[-1]
-            (quant if leaf in ("clip_max", "clip_min", "scale") else rest).append(parameter)
+            (quant if leaf in ("clip_max", "clip_min", "log_scale") else rest).append(parameter)
     return [{"params": rest, "weight_decay": weight_decay}, {"params": quant, "weight_decay": 0.0}]
 
 
@@ -252,5 +283,6 @@ def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, te
     return losses
 
 
-__all__ = ["ULQActQuantizer", "LearnedWeightQuantizer", "RetrainLayer", "prepare_retrain", "parameter_groups",
+__all__ = ["ULQActQuantizer", "LearnedWeightQuantizer", "RetrainLayer", "prepare_retrain", "start_from",
+           "parameter_groups",
            "distillation_loss", "train", "initialised"]
