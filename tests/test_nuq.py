@@ -98,6 +98,13 @@ def test_output_weighting_protects_the_inputs_that_matter(tmp_path):
     assert error(weighted) < error(plain)
 
 
+def test_size_rule_keeps_depthwise_and_thin_layers_uniform():
+    from openamct.config import nuq_size_rule
+    assert nuq_size_rule((1000, 1280), 16) and nuq_size_rule((1152, 192, 1, 1), 16)
+    assert not nuq_size_rule((1152, 1, 5, 5), 16)  # 25 weights a channel: a depthwise conv
+    assert not nuq_size_rule((96, 16, 1, 1), 16) and not nuq_size_rule((8, 8), 16)
+
+
 def atc_dump(flagged: dict) -> dict:
     ops = []
     for name, compress in flagged.items():

@@ -254,10 +254,11 @@ NUQ_TYPES = ("Conv2d", "Linear")
 
 def nuq_size_rule(shape, num_steps: int) -> bool:
     """Without a mapping file, NUQ goes to Conv2d/Linear layers with at least 16 x num_steps weights (the codebook
-    is small next to the packed indices) and at least num_steps weights per output channel (a depthwise conv's
-    9 or 25 weights per channel lose too much on a shared codebook, and weigh little)."""
+    is small next to the packed indices) and at least 2 x num_steps weights per output channel: with fewer, too
+    few weights share each channel's scale for GPTQ to make up for the coarse levels (a depthwise conv, which GPTQ
+    does not reach at all, lost most of NUQ-16's accuracy on EfficientNet-Lite0), and such layers weigh little."""
     count = math.prod(shape)
-    return count >= 16 * num_steps and count // shape[0] >= num_steps
+    return count >= 16 * num_steps and count // shape[0] >= 2 * num_steps
 
 
 def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
