@@ -142,6 +142,23 @@ def test_level_refits_lower_the_output_error(codebook):
             assert set(row.tolist()) <= set(book.tolist())
 
 
+def test_auto_codebook_per_channel_for_thin_layers_and_where_the_codebooks_are_cheap():
+    from openamct.nuq import per_channel_codebooks
+    assert per_channel_codebooks("auto", (1000, 1280), 16)  # 16 bytes of levels for 640 bytes of indices
+    assert per_channel_codebooks("auto", (480, 80, 1, 1), 16)  # thin: 80 weights a channel
+    assert not per_channel_codebooks("auto", (1152, 192, 1, 1), 16)  # 16 bytes of levels for 96 bytes of indices
+    assert per_channel_codebooks("channel", (8, 9999), 16) and not per_channel_codebooks("layer", (96, 16, 1, 1), 16)
+    _, wrapped = nuq_output_error(0, codebook="auto")  # 24 weights a channel: a codebook each
+    assert np.asarray(wrapped.weight_quantizer.levels).shape == (16, 4)
+
+
+def test_auto_codebook_in_a_cfg(tmp_path):
+    os.chdir(tmp_path)
+    (tmp_path / "nuq.cfg").write_text('nuq_config { nuq_quantize { num_steps: 4 codebook: "auto" } }\n')
+    amct.create_quant_config("c.json", convnet(), ConvNet.example_input(), config_defination="nuq.cfg")
+    assert json.loads((tmp_path / "c.json").read_text())["pw"]["weight_quant_params"]["codebook"] == "auto"
+
+
 def test_size_rule_keeps_depthwise_and_thin_layers_uniform():
     from openamct.config import nuq_size_rule
     assert nuq_size_rule((1000, 1280), 16) and nuq_size_rule((1152, 192, 1, 1), 16)
@@ -173,6 +190,7 @@ def test_mapping_file_picks_exactly_the_flagged_layers(tmp_path):
     ("nuq_config { nuq_quantize { num_steps: 300 } }\n", "num_steps"),
     ('nuq_config { mapping_file: "map.json" nuq_quantize { num_steps: 16 } }\n', "not an ATC JSON dump"),
     ('nuq_config { mapping_file: "none.json" nuq_quantize { num_steps: 16 } }\n', "mapping file not found"),
+    ('nuq_config { nuq_quantize { num_steps: 4 codebook: "group" } }\n', "codebook"),
 ])
 def test_bad_nuq_config(tmp_path, cfg, message):
     os.chdir(tmp_path)

@@ -19,7 +19,7 @@ from .proto import calibration_config_pytorch_pb2 as calib_pb2
 
 ACT_ALGOS = ("ifmr", "hfmg")
 WTS_ALGOS = ("arq_quantize", "nuq_quantize")
-CODEBOOKS = ("layer", "channel")
+CODEBOOKS = ("layer", "channel", "auto")
 ROUNDINGS = ("nearest", "gptq")
 HFMG_BINS = (1024, 2048, 4096, 8192)
 
@@ -75,8 +75,8 @@ class WeightQuantParams:
     wts_algo: str = "arq_quantize"
     channel_wise: bool = True
     num_steps: int = 32           # nuq_quantize: levels per codebook
-    num_of_iteration: int = 1     # nuq_quantize: accepted for AMCT configs; the level search here is exact
-    codebook: str = "layer"       # nuq_quantize: one codebook per "layer" or per output "channel"
+    num_of_iteration: int = 1     # nuq_quantize: rounds of level refits alternating with GPTQ (modules.py)
+    codebook: str = "layer"       # nuq_quantize: one codebook per "layer", per output "channel", or "auto" (nuq.py)
     rounding: str = "gptq"        # "nearest", or "gptq": weights chosen to minimise the output error
     bias_correction: bool = True  # correct the output-mean shift that weight quantization leaves
 

@@ -150,7 +150,7 @@ class WeightQuantizer(nn.Module):
         scale = channel_view(self.scales(weight).to(weight.device), weight.dim(), self.axis)
         codes = quantize(weight.detach(), scale, 0, self.params.num_bits)
         importance = torch.broadcast_to(importance, weight.shape) * scale ** 2
-        per_channel = self.params.codebook == "channel"
+        per_channel = nuq.per_channel_codebooks(self.params.codebook, weight.shape, self.params.num_steps)
         self.levels = nuq.codebooks(codes.cpu().numpy().astype(np.int64), importance.cpu().double().numpy(),
                                     self.params.num_steps, per_channel)
         self._table = torch.from_numpy(nuq.snap_table(self.levels)).float()
