@@ -216,12 +216,20 @@ def refit_levels(weight: torch.Tensor, chosen: torch.Tensor, hessian: torch.Tens
     books = torch.from_numpy(np.atleast_2d(quantizer.levels)).double()  # [1 or out_channels, num_steps]
     codes = torch.round(chosen.detach().double().reshape(w.shape) / scale)
     index = torch.argmin((codes[:, :, None] - books[:, None, :]).abs(), dim=2)  # [out, cols]
-    parts = torch.stack([scale * (index == level) for level in range(num_steps)])  # [num_steps, out, cols]
-    parts_h = parts @ h
-    if books.shape[0] == 1:
-        a, b = torch.einsum("loj,moj->lm", parts_h, parts)[None], torch.einsum("loj,oj->l", parts_h, w)[None]
-    else:
-        a, b = torch.einsum("loj,moj->olm", parts_h, parts), torch.einsum("loj,oj->ol", parts_h, w)
+    # normal equations a c = b over a few output channels at a time, in float32 (the levels are rounded anyway)
+    a = torch.zeros(books.shape[0], num_steps, num_steps, dtype=torch.float64)
+    b = torch.zeros(books.shape[0], num_steps, dtype=torch.float64)
+    h32, step = h.float(), max(1, 2 ** 22 // (num_steps * w.shape[1]))
+    for start in range(0, w.shape[0], step):
+        rows = slice(start, start + step)
+        parts = torch.stack([scale[rows] * (index[rows] == level) for level in range(num_steps)]).float()
+        parts_h = parts @ h32  # [num_steps, rows, cols]
+        if books.shape[0] == 1:
+            a[0] += torch.einsum("loj,moj->lm", parts_h, parts).double()
+            b[0] += torch.einsum("loj,oj->l", parts_h, w[rows].float()).double()
+        else:
+            a[rows] = torch.einsum("loj,moj->olm", parts_h, parts).double()
+            b[rows] = torch.einsum("loj,oj->ol", parts_h, w[rows].float()).double()
     ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)[:, None, None] * torch.eye(num_steps)
     levels = torch.linalg.solve(a + ridge, (b + ridge[:, 0, 0, None] * books)[..., None])[..., 0]
     levels = torch.clamp(torch.round(levels), *qrange(quantizer.params.num_bits))
