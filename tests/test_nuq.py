@@ -92,10 +92,78 @@ def test_output_weighting_protects_the_inputs_that_matter(tmp_path):
     from openamct.modules import WeightQuantizer
     params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, channel_wise=False)
     plain, weighted = WeightQuantizer(params, 0), WeightQuantizer(params, 0)
-    plain.fit_codebook(layer.weight, None, 1)
-    weighted.fit_codebook(layer.weight, torch.tensor([100.0, 0.01]), 1)
+    plain.fit_codebook(layer.weight, torch.ones(()))
+    weighted.fit_codebook(layer.weight, torch.tensor([100.0, 0.01]))  # per input channel, broadcast
     error = lambda q: float(((q(layer.weight) - layer.weight)[:, 0] ** 2).sum())  # noqa: E731
     assert error(weighted) < error(plain)
+
+
+def correlated_layer(seed=0, out=16, inputs=24, samples=512):
+    """A Linear layer and strongly correlated inputs for it (where GPTQ's error feedback matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 4, generator=gen) @ torch.randn(4, inputs, generator=gen) \
+        + 0.1 * torch.randn(samples, inputs, generator=gen)
+    layer = torch.nn.Linear(inputs, out, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out, inputs, generator=gen) * torch.linspace(0.2, 2.0, inputs))
+    return layer, x
+
+
+def nuq_output_error(rounds, codebook="layer", seed=0):
+    """Output error of a GPTQ + NUQ-4 Linear layer on its calibration inputs, after `rounds` level refits."""
+    from openamct.config import ActQuantParams, LayerConfig, WeightQuantParams
+    from openamct.modules import ActQuantizer, QuantLayer
+    layer, x = correlated_layer(seed)
+    original = layer.weight.detach().clone()
+    params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, num_of_iteration=rounds, codebook=codebook,
+                               bias_correction=False)
+    wrapped = QuantLayer(layer, LayerConfig(weight=params), ActQuantizer(ActQuantParams(), False, 1, None, "fc"),
+                         "fc", 0)
+    with torch.no_grad():
+        wrapped(x)
+    wrapped.input_quantizer.finish()
+    wrapped.finish_weights()
+    with torch.no_grad():
+        delta = wrapped.weight_quantizer(layer.weight).double() - original.double()
+        return float(((x.double() @ delta.t()) ** 2).mean()), wrapped
+
+
+@pytest.mark.parametrize("codebook", ["layer", "channel"])
+def test_level_refits_lower_the_output_error(codebook):
+    for seed in range(3):
+        plain, _ = nuq_output_error(0, codebook, seed)
+        refined, wrapped = nuq_output_error(3, codebook, seed)
+        assert refined < 0.95 * plain
+        quantizer, weight = wrapped.weight_quantizer, wrapped.layer.weight
+        codes = weight / quantizer.scales(weight).reshape(-1, 1)
+        assert torch.allclose(codes, torch.round(codes), atol=1e-4)  # the weights sit on their refitted levels
+        levels = np.atleast_2d(quantizer.levels)
+        for row, book in zip(torch.round(codes).int().numpy(), levels if len(levels) > 1 else levels.repeat(16, 0)):
+            assert set(row.tolist()) <= set(book.tolist())
+
+
+def test_auto_codebook_per_channel_for_thin_layers_and_where_the_codebooks_are_cheap():
+    from openamct.nuq import per_channel_codebooks
+    assert per_channel_codebooks("auto", (1000, 1280), 16)  # 16 bytes of levels for 640 bytes of indices
+    assert per_channel_codebooks("auto", (480, 80, 1, 1), 16)  # thin: 80 weights a channel
+    assert not per_channel_codebooks("auto", (1152, 192, 1, 1), 16)  # 16 bytes of levels for 96 bytes of indices
+    assert per_channel_codebooks("channel", (8, 9999), 16) and not per_channel_codebooks("layer", (96, 16, 1, 1), 16)
+    _, wrapped = nuq_output_error(0, codebook="auto")  # 24 weights a channel: a codebook each
+    assert np.asarray(wrapped.weight_quantizer.levels).shape == (16, 4)
+
+
+def test_auto_codebook_in_a_cfg(tmp_path):
+    os.chdir(tmp_path)
+    (tmp_path / "nuq.cfg").write_text('nuq_config { nuq_quantize { num_steps: 4 codebook: "auto" } }\n')
+    amct.create_quant_config("c.json", convnet(), ConvNet.example_input(), config_defination="nuq.cfg")
+    assert json.loads((tmp_path / "c.json").read_text())["pw"]["weight_quant_params"]["codebook"] == "auto"
+
+
+def test_size_rule_keeps_depthwise_and_thin_layers_uniform():
+    from openamct.config import nuq_size_rule
+    assert nuq_size_rule((1000, 1280), 16) and nuq_size_rule((1152, 192, 1, 1), 16)
+    assert not nuq_size_rule((1152, 1, 5, 5), 16)  # 25 weights a channel: a depthwise conv
+    assert not nuq_size_rule((96, 16, 1, 1), 16) and not nuq_size_rule((8, 8), 16)
 
 
 def atc_dump(flagged: dict) -> dict:
@@ -122,6 +190,7 @@ def test_mapping_file_picks_exactly_the_flagged_layers(tmp_path):
     ("nuq_config { nuq_quantize { num_steps: 300 } }\n", "num_steps"),
     ('nuq_config { mapping_file: "map.json" nuq_quantize { num_steps: 16 } }\n', "not an ATC JSON dump"),
     ('nuq_config { mapping_file: "none.json" nuq_quantize { num_steps: 16 } }\n', "mapping file not found"),
+    ('nuq_config { nuq_quantize { num_steps: 4 codebook: "group" } }\n', "codebook"),
 ])
 def test_bad_nuq_config(tmp_path, cfg, message):
     os.chdir(tmp_path)

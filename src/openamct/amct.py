@@ -54,7 +54,7 @@ def _nuq_layers(cfg_path, model, input_data, info) -> set:
         num_steps = message.nuq_config.nuq_quantize.num_steps
         chosen = {name for name, weight in weights.items() if nuq_size_rule(weight.shape, num_steps)}
         log.info(f"NUQ: no mapping_file, so the {len(chosen)} Conv2d/Linear layers with at least {16 * num_steps} "
-                 f"weights and {num_steps} per output channel get non-uniform weights.", "NUQ")
+                 f"weights and {2 * num_steps} per output channel get non-uniform weights.", "NUQ")
         return chosen
     try:
         flagged = nuq.flagged_names(mapping_file)

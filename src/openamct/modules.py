@@ -153,16 +153,15 @@ class WeightQuantizer(nn.Module):
         scale = channel_view(self.scales(weight).to(weight.device), weight.dim(), self.axis)
         return weight + (self.codes(weight) * scale - weight).detach()
 
-    def fit_codebook(self, weight: torch.Tensor, input_power: torch.Tensor | None, groups: int) -> None:
-        """Choose the NUQ levels minimising the output error: each weight counts by scale^2 * E[input^2]."""
-        codes = self.codes(weight).cpu().numpy().astype(np.int64)
-        scale = self.scales(weight).cpu().double().numpy()
-        importance = np.broadcast_to((scale ** 2).reshape([-1] + [1] * (weight.dim() - 1)), codes.shape).copy()
-        if input_power is not None:
-            power = input_power.cpu().double().numpy().reshape(groups, -1)  # [groups, in_channels per group]
-            per_out = np.repeat(power, weight.shape[0] // groups, axis=0)  # [out_channels, in_channels per group]
-            importance *= per_out.reshape(per_out.shape + (1,) * (weight.dim() - 2))
-        self.levels = nuq.codebooks(codes, importance, self.params.num_steps, self.params.codebook == "channel")
+    def fit_codebook(self, weight: torch.Tensor, importance: torch.Tensor) -> None:
+        """Choose the NUQ levels minimising sum(importance * (weight - dequantized level)^2) over `weight`'s INT8
+        codes (before any snapping); `importance` (the weight's shape) is each weight's share of the output error."""
+        scale = channel_view(self.scales(weight).to(weight.device), weight.dim(), self.axis)
+        codes = quantize(weight.detach(), scale, 0, self.params.num_bits)
+        importance = torch.broadcast_to(importance, weight.shape) * scale ** 2
+        per_channel = nuq.per_channel_codebooks(self.params.codebook, weight.shape, self.params.num_steps)
+        self.levels = nuq.codebooks(codes.cpu().numpy().astype(np.int64), importance.cpu().double().numpy(),
+                                    self.params.num_steps, per_channel)
         self._table = torch.from_numpy(nuq.snap_table(self.levels)).float()
 
     def extra_repr(self):
@@ -211,6 +210,44 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer
             errors[:, k] = error
         w[:, end:] -= errors @ upper[start:end, end:]
     return out[:, torch.argsort(order)].reshape(shape).to(weight.dtype)
+
+
+def refit_levels(weight: torch.Tensor, chosen: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer,
+                 damp: float = 0.01) -> torch.Tensor:
+    """The NUQ levels given which level each weight of `chosen` (GPTQ's weights) takes: the least-squares levels of
+    the output error tr((W - Q) H (W - Q)^T), rounded to the INT8 grid (as GPTVQ updates its codebook, van Baalen
+    et al. 2024). Sets the quantizer's levels and returns the weights on them."""
+    shape, num_steps = weight.shape, quantizer.params.num_steps
+    w = weight.detach().double().reshape(shape[0], -1)
+    h = hessian.double()
+    h = h + damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    scale = quantizer.scales(weight).double().reshape(-1, 1).expand_as(w)
+    books = torch.from_numpy(np.atleast_2d(quantizer.levels)).double()  # [1 or out_channels, num_steps]
+    codes = torch.round(chosen.detach().double().reshape(w.shape) / scale)
+    index = torch.argmin((codes[:, :, None] - books[:, None, :]).abs(), dim=2)  # [out, cols]
+    # normal equations a c = b over a few output channels at a time, in float32 (the levels are rounded anyway)
+    a = torch.zeros(books.shape[0], num_steps, num_steps, dtype=torch.float64)
+    b = torch.zeros(books.shape[0], num_steps, dtype=torch.float64)
+    h32, step = h.float(), max(1, 2 ** 22 // (num_steps * w.shape[1]))
+    for start in range(0, w.shape[0], step):
+        rows = slice(start, start + step)
+        parts = torch.stack([scale[rows] * (index[rows] == level) for level in range(num_steps)]).float()
+        parts_h = parts @ h32  # [num_steps, rows, cols]
+        if books.shape[0] == 1:
+            a[0] += torch.einsum("loj,moj->lm", parts_h, parts).double()
+            b[0] += torch.einsum("loj,oj->l", parts_h, w[rows].float()).double()
+        else:
+            a[rows] = torch.einsum("loj,moj->olm", parts_h, parts).double()
+            b[rows] = torch.einsum("loj,oj->ol", parts_h, w[rows].float()).double()
+    ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)[:, None, None] * torch.eye(num_steps)
+    levels = torch.linalg.solve(a + ridge, (b + ridge[:, 0, 0, None] * books)[..., None])[..., 0]
+    levels = torch.clamp(torch.round(levels), *qrange(quantizer.params.num_bits))
+    rows = torch.arange(w.shape[0])[:, None] if books.shape[0] > 1 else torch.zeros(w.shape[0], 1, dtype=torch.long)
+    new = levels[rows, index] * scale
+    levels = np.sort(levels.to(torch.int32).numpy(), axis=1)
+    quantizer.levels = levels if books.shape[0] > 1 else levels[0]
+    quantizer._table = torch.from_numpy(nuq.snap_table(quantizer.levels)).float()
+    return new.reshape(shape).to(weight.dtype)
 
 
 class QuantLayer(nn.Module):
@@ -272,22 +309,43 @@ class QuantLayer(nn.Module):
         return per_group.repeat_interleave(weight.shape[0] // groups, dim=0)
 
     def finish_weights(self) -> None:
-        """After calibration: fit the NUQ codebook; choose the weights by GPTQ where configured; then correct the
-        bias for the shift of the output mean that weight quantization leaves, (W_q - W) . E[x] per output channel
-        (Nagel et al. 2019), so that it does not compound through the network."""
+        """After calibration: fit the NUQ codebook; choose the weights by GPTQ where configured, with NUQ then
+        alternating `num_of_iteration` times between refitting the levels to GPTQ's choice and GPTQ on the new
+        levels (keeping whichever weights give the least output error); then correct the bias for the shift of the
+        output mean that weight quantization leaves, (W_q - W) . E[x] per output channel (Nagel et al. 2019), so
+        that it does not compound through the network."""
         if self.input_moments is None:
             return
         mean, power = (self.input_moments / self._moment_batches).to(self.layer.weight.device)
         self.input_moments = None
         quantizer, weight = self.weight_quantizer, self.layer.weight
         original = weight.detach().clone()
-        if quantizer.params.wts_algo == "nuq_quantize" and quantizer.levels is None:
-            quantizer.fit_codebook(weight, power, getattr(self.layer, "groups", 1))
+        nuq_fit = quantizer.params.wts_algo == "nuq_quantize" and quantizer.levels is None
+        if nuq_fit:
+            per_weight = self._per_weight(power)
+            quantizer.fit_codebook(weight, per_weight.reshape(per_weight.shape + (1,) * (weight.dim() - 2)))
         if self.hessian is not None:
-            scales = quantizer.scales(weight)
+            hessian = self.hessian / self._moment_batches
+            quantizer.fixed_scales = quantizer.scales(weight)
+            rounds = quantizer.params.num_of_iteration if nuq_fit else 0
+            damped = hessian.double() + 0.01 * torch.diag(hessian).double().mean() * torch.eye(hessian.shape[0])
+            best = None
+
+            def keep(chosen):
+                nonlocal best
+                delta = (chosen - weight).detach().double().reshape(weight.shape[0], -1)
+                error = float(torch.einsum("oi,ij,oj->", delta, damped, delta))  # the layer's output error
+                if best is None or error < best[0]:
+                    best = (error, chosen, quantizer.levels, quantizer._table)
+
+            for round_ in range(rounds + 1):
+                chosen = gptq(weight, hessian, quantizer)
+                keep(chosen)
+                if round_ < rounds:  # the levels that best fit these weights, then GPTQ again on them
+                    keep(refit_levels(weight, chosen, hessian, quantizer))
+            _, chosen, quantizer.levels, quantizer._table = best
             with torch.no_grad():
-                weight.copy_(gptq(weight, self.hessian / self._moment_batches, quantizer))
-            quantizer.fixed_scales = scales
+                weight.copy_(chosen)
             self.hessian = None
         if not quantizer.params.bias_correction or self.axis != 0:
             return
