@@ -61,7 +61,8 @@ def run_nuq_flow(tmp_path, cfg_text, batches=2):
 
 
 def test_nuq_flow_levels_packing_and_parity(tmp_path):
-    qmodel, report = run_nuq_flow(tmp_path, "batch_num: 2\nnuq_config { nuq_quantize { num_steps: 4 } }\n"
+    qmodel, report = run_nuq_flow(tmp_path, "batch_num: 2\nnuq_config { nuq_quantize { num_steps: 4 "
+                                            "codebook: \"layer\" } }\n"
                                             "override_layer_configs { layer_name: \"fc\" calibration_config { "
                                             "arq_quantize { channel_wise: true } } }\n")
     config = json.loads((tmp_path / "tmp/config.json").read_text())
@@ -73,7 +74,9 @@ def test_nuq_flow_levels_packing_and_parity(tmp_path):
     assert set(packed) == {"conv1", "dw", "pw"} and len(records["fc"].nuq_levels) == 0
     for name, weights in packed.items():
         assert np.array_equal(weights, deploy[f"{name}.weight_quant"])  # exact INT8 weights restored
-        assert set(np.unique(weights)) <= set(records[name].nuq_levels) and len(records[name].nuq_levels) <= 4
+        levels = np.asarray(records[name].nuq_levels).reshape(-1, 4)  # "auto": one codebook, or one per channel
+        rows = weights.reshape(len(levels), -1) if len(levels) > 1 else weights.reshape(1, -1)
+        assert all(set(np.unique(row)) <= set(codebook) for row, codebook in zip(rows, levels))
     assert len(np.unique(deploy["fc.weight_quant"])) > 4
     for kind, result in report["parity"].items():
         assert result["ok"], (kind, result)
@@ -90,7 +93,7 @@ def test_output_weighting_protects_the_inputs_that_matter(tmp_path):
         layer.weight.copy_(torch.tensor([[0.11, 0.9], [0.52, -0.33], [-0.71, 0.26], [0.3, -0.95]]))
     from openamct.config import WeightQuantParams
     from openamct.modules import WeightQuantizer
-    params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, channel_wise=False)
+    params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, channel_wise=False, codebook="layer")
     plain, weighted = WeightQuantizer(params, 0), WeightQuantizer(params, 0)
     plain.fit_codebook(layer.weight, torch.ones(()))
     weighted.fit_codebook(layer.weight, torch.tensor([100.0, 0.01]))  # per input channel, broadcast

@@ -77,7 +77,7 @@ class WeightQuantParams:
     channel_wise: bool = True
     num_steps: int = 32           # nuq_quantize: levels per codebook
     num_of_iteration: int = 1     # nuq_quantize: rounds of level refits alternating with GPTQ (modules.py)
-    codebook: str = "layer"       # nuq_quantize: one codebook per "layer", per output "channel", or "auto" (nuq.py)
+    codebook: str = "auto"        # nuq_quantize: one codebook per "layer", per output "channel", or "auto" (nuq.py)
     rounding: str = "gptq"        # "nearest", or "gptq": weights chosen to minimise the output error
     bias_correction: bool = True  # correct the output-mean shift that weight quantization leaves
 
