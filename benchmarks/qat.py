@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import openamct as amct  # noqa: E402
 from openamct import retrain  # noqa: E402
-from openamct.config import LayerConfig, QuantConfig, WeightQuantParams  # noqa: E402
+from openamct.config import LayerConfig, QuantConfig, WeightQuantParams, load_retrain_json  # noqa: E402
 from openamct.data import Accuracy, ImageLoader, LabelledImages  # noqa: E402
 from openamct.graph import inspect_model  # noqa: E402
 from openamct.models import MODELS  # noqa: E402
@@ -103,7 +103,9 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
     qmodel = amct.create_quant_retrain_model(config, model, record, dummy)
     if args.init == "ptq":  # refine the PTQ (GPTQ + bias correction) solution
         calib, _ = tensors(images.subset(0, 32 * args.calib_batches))
-        retrain.start_from(qmodel, ptq(model, bits, "gptq", calib, args.calib_batches)[0])
+        size = len(calib) // args.calib_batches
+        retrain.start_from_ptq(qmodel, model, load_retrain_json(config), lambda m: [
+            m(calib[i * size:(i + 1) * size]) for i in range(args.calib_batches)], dummy, args.calib_batches)
     trained = torch.nn.parallel.DistributedDataParallel(qmodel) if world > 1 else qmodel
     train_set = images.subset(0, args.train, spec.preprocess.augment(scale=(0.25, 1.0)))
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
@@ -159,9 +161,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bits", default="4,8", help="weight bit widths, comma-separated (activations: 8)")
     parser.add_argument("--train", type=int, default=600, help="the first N images train, the rest evaluate")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over --world-size)")
-    parser.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights (0: frozen)")
+    parser.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate of the weights (0: frozen)")
     parser.add_argument("--quant-lr", type=float, default=1e-3, help="Adam learning rate of clips and scales")
     parser.add_argument("--kd-weight", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)

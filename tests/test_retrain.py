@@ -237,3 +237,7 @@ def test_start_from_a_calibrated_model(tmp_path):
     qmodel.eval()
     with torch.no_grad():
         torch.testing.assert_close(qmodel(x), calibrated(x), atol=1e-5, rtol=1e-5)
+    again = retrain.start_from_ptq(amct.create_quant_retrain_model("c.json", model, "r.txt", x), model,
+                                   load_retrain_json("c.json"), lambda m: m(x), x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), calibrated(x), atol=1e-5, rtol=1e-5)

@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a model quantized (AMCT's QAT flow) and compare its accuracy before and after.\n\n"
                     "Steps: create_quant_retrain_config (from --config, else ULQ activations and --weight-bits "
-                    "weights)\n-> create_quant_retrain_model -> --steps training steps on the first --train images "
-                    "(distillation\nfrom the FP32 model by default) -> save_quant_retrain_model -> evaluation of the "
-                    "FP32 model, the\nquantized model and its deploy ONNX model on the other images.\n\n"
+                    "weights)\n-> create_quant_retrain_model, started from a PTQ calibration by default -> --steps "
+                    "training steps\non the first --train images (distillation from the FP32 model by default) -> "
+                    "save_quant_retrain_model\n-> evaluation of the FP32 model, the QAT model and its deploy ONNX "
+                    "model on the other images.\n\n"
                     "Multi-process: torchrun --nproc_per_node N $(which openamct) retrain ... (gloo on CPU, nccl "
                     "with\n--device cuda; --batch-size is per process, only rank 0 writes files).",
         epilog="outputs (OUTPUT: --output, else outputs/NAME_retrain):\n"
@@ -218,8 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="without --config: INT8 weights (arq_retrain) or INT4 (ulq_retrain); default 8")
     train.add_argument("--batch-num", type=_positive, default=2, metavar="N",
                        help="without --config: batches that initialise the activation ranges (IFMR); default 2")
-    train.add_argument("--steps", type=_positive, default=150, metavar="N", help="training steps (default 150)")
-    train.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights (default 5e-5)")
+    train.add_argument("--init", choices=("ptq", "ifmr"), default="ptq",
+                       help="start from a PTQ calibration (GPTQ, bias correction) on the first --batch-num x "
+                            "--batch-size training images (default), or from the float weights with IFMR ranges")
+    train.add_argument("--steps", type=_positive, default=60, metavar="N", help="training steps (default 60)")
+    train.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate of the weights (default 1e-5)")
     train.add_argument("--quant-lr", type=float, default=1e-3,
                        help="Adam learning rate of the quantizers' ranges and scales (default 1e-3)")
     train.add_argument("--kd-weight", type=float, default=1.0,
@@ -622,6 +626,7 @@ def run_retrain(args) -> int:
     from torch.utils.data import DistributedSampler
 
     from . import retrain
+    from .config import load_retrain_json
     from .data import ImageLoader
     from .fileio import write_text
 
@@ -660,6 +665,13 @@ def run_retrain(args) -> int:
     if world > 1:
         dist.barrier()
     qmodel = amct.create_quant_retrain_model(str(config_file), model, str(record_file), input_data)
+    if args.init == "ptq":
+        calibration = ImageLoader(dataset.subset(0, min(n_train, args.batch_num * args.batch_size)), args.batch_size,
+                                  args.workers)
+        with _timed(timings, "ptq_init"):
+            retrain.start_from_ptq(qmodel, model, load_retrain_json(str(config_file)),
+                                   lambda m: [m(images.to(device)) for images, _ in calibration], input_data,
+                                   batch_num=len(calibration))
     trained = qmodel
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None

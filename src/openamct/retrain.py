@@ -15,6 +15,7 @@ weights under their learned ranges).
 In eval mode (once initialised) the model is the simulation of the deployed model, as after PTQ calibration, and
 its quantization parameters are what the record file and the exported ONNX models hold.
 """
+import dataclasses
 import math
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from .api import prepare, quant_layers
+from .api import prepare, quant_layers, quantize
 from .config import RetrainConfig
 from .fileio import is_main_process
 from .modules import QuantLayer, WeightQuantizer, shared_quantized
@@ -213,6 +214,17 @@ def start_from(qmodel: nn.Module, calibrated: nn.Module) -> nn.Module:
     return qmodel
 
 
+def start_from_ptq(qmodel: nn.Module, model: nn.Module, config: RetrainConfig, calibrate_fn, input_data,
+                   batch_num: int | None = None):
+    """`start_from` a PTQ calibration of the float `model` at the QAT config's bit widths, with GPTQ rounding and
+    bias correction; `calibrate_fn(m)` runs `batch_num` (default: the config's) batches through `m`."""
+    quant = dataclasses.replace(config.quant_config(), batch_num=batch_num or config.batch_num)
+    layers = {name: dataclasses.replace(layer, weight=dataclasses.replace(layer.weight, rounding="gptq",
+                                                                        bias_correction=True))
+              for name, layer in quant.layers.items()}
+    return start_from(qmodel, quantize(model, dataclasses.replace(quant, layers=layers), calibrate_fn, input_data))
+
+
 def initialised(qmodel: nn.Module) -> bool:
     quantizers = [m for m in qmodel.modules() if isinstance(m, ULQActQuantizer)]
     return bool(quantizers) and all(bool(q.initialized) for q in quantizers)
@@ -283,6 +295,6 @@ def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, te
     return losses
 
 
-__all__ = ["ULQActQuantizer", "LearnedWeightQuantizer", "RetrainLayer", "prepare_retrain", "start_from",
+__all__ = ["ULQActQuantizer", "LearnedWeightQuantizer", "RetrainLayer", "prepare_retrain", "start_from", "start_from_ptq",
            "parameter_groups",
            "distillation_loss", "train", "initialised"]
