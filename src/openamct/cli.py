@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from a PTQ calibration (GPTQ, bias correction) on the first --batch-num x "
                             "--batch-size training images (default), or from the float weights with IFMR ranges")
     train.add_argument("--steps", type=_positive, default=60, metavar="N", help="training steps (default 60)")
-    train.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate of the weights (default 1e-5)")
+    train.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights (default 5e-5)")
     train.add_argument("--quant-lr", type=float, default=1e-3,
                        help="Adam learning rate of the quantizers' ranges and scales (default 1e-3)")
     train.add_argument("--kd-weight", type=float, default=1.0,
