@@ -118,6 +118,9 @@ def test_calibration_prints_amct_lines(calibration):
 
 
 def test_nuq_writes_under_outputs_nuq(sample_root):
+    # the flow and its files, not the codebook search: one codebook per layer and no level refits keep it short
+    cfg = sample_root / "src" / "nuq_conf" / "nuq_quant.cfg"
+    cfg.write_text(cfg.read_text().replace("num_of_iteration: 1", 'num_of_iteration: 0\n        codebook: "layer"'))
     result = _run(sample_root, "--nuq", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = sample_root / "outputs" / "nuq"
