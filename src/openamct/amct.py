@@ -21,6 +21,7 @@ from .config import (NUQ_TYPES, ConfigError, LayerConfig, QuantConfig, RetrainCo
 from .export import build_quantized, export_fused, layer_codes, read_fused
 from .fileio import is_main_process, write_bytes, write_text
 from .graph import inspect_model
+from .modules import DATA_PARALLEL_UNSUPPORTED
 from .parity import check
 from .record import read_record, write_record
 
@@ -195,8 +196,7 @@ def create_quant_retrain_config(config_file, model, input_data, config_definatio
 def _unwrap(model):
     """The module inside DistributedDataParallel; DataParallel is refused with the reason."""
     if isinstance(model, torch.nn.DataParallel):
-        raise TypeError("torch.nn.DataParallel is not supported: its replicas run in threads that do not share the "
-                        "quantized values. Use DistributedDataParallel (one process per device), or the bare model")
+        raise TypeError(DATA_PARALLEL_UNSUPPORTED)
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 

@@ -52,11 +52,15 @@ class QuantizedValues(TorchFunctionMode):
 _ACTIVE: list[QuantizedValues] = []
 
 
+DATA_PARALLEL_UNSUPPORTED = ("torch.nn.DataParallel is not supported: its replicas run in threads that do not share "
+                             "the quantized values. Use DistributedDataParallel (one process per device), or the "
+                             "bare model")
+
+
 def enter_simulation(module, args):
     """Forward pre-hook of the root model: quantized values flow to every consumer during this forward."""
     if getattr(module, "_is_replica", False):
-        raise TypeError("openamct models cannot run under torch.nn.DataParallel (its replicas run in threads that "
-                        "do not share the quantized values); use DistributedDataParallel, one process per device")
+        raise TypeError(DATA_PARALLEL_UNSUPPORTED)
     mode = QuantizedValues()
     mode.__enter__()
     _ACTIVE.append(mode)
@@ -257,6 +261,8 @@ class QuantLayer(nn.Module):
     the layer and the add on integers.
     """
 
+    collects_statistics = True  # input moments and GPTQ's Hessian for finish_weights (QAT: not needed)
+
     def __init__(self, layer: nn.Module, config: LayerConfig, input_quantizer: ActQuantizer, name: str, axis: int,
                  output_quantizer: ActQuantizer | None = None):
         super().__init__()
@@ -358,7 +364,8 @@ class QuantLayer(nn.Module):
 
     def forward(self, x):
         if not self.input_quantizer.calibrated:
-            self._observe_input(x)
+            if self.collects_statistics:
+                self._observe_input(x)
             x = self.input_quantizer(x)
             y = functional_call(self.layer, {"weight": self.weight_quantizer(self.layer.weight)}, (x,))
         else:

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from tqdm import tqdm
 
 from .api import prepare, quant_layers, quantize
@@ -30,7 +29,7 @@ from .config import RetrainConfig
 from .fileio import is_main_process
 from .modules import QuantLayer, WeightQuantizer, shared_quantized
 from .observers import IFMRObserver
-from .primitives import FLT_EPSILON, act_qparams, channel_view, fake_quant, fake_quant_weight, qrange, round_ste
+from .primitives import FLT_EPSILON, act_qparams, fake_quant, fake_quant_weight, qrange, round_ste
 
 
 class ULQActQuantizer(nn.Module):
@@ -154,18 +153,12 @@ class LearnedWeightQuantizer(WeightQuantizer):
 class RetrainLayer(QuantLayer):
     """A QuantLayer whose quantizers learn; no calibration statistics (GPTQ, bias correction) are collected."""
 
+    collects_statistics = False
+
     def __init__(self, layer, config, input_quantizer, name, axis, output_quantizer, weight_algo: str):
         super().__init__(layer, config, input_quantizer, name, axis, output_quantizer)
         if weight_algo == "ulq_retrain":
             self.weight_quantizer = LearnedWeightQuantizer(config.weight, axis, layer.weight)
-
-    def forward(self, x):
-        if self.input_quantizer.calibrated:
-            y = self._integer_forward(self.input_quantizer(x))
-        else:
-            weight = self.weight_quantizer(self.layer.weight)
-            y = functional_call(self.layer, {"weight": weight}, (self.input_quantizer(x),))
-        return self.output_quantizer(y) if self.output_quantizer is not None else y
 
 
 def prepare_retrain(model: nn.Module, config: RetrainConfig, input_data) -> nn.Module:
@@ -295,6 +288,5 @@ def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, te
     return losses
 
 
-__all__ = ["ULQActQuantizer", "LearnedWeightQuantizer", "RetrainLayer", "prepare_retrain", "start_from", "start_from_ptq",
-           "parameter_groups",
-           "distillation_loss", "train", "initialised"]
+__all__ = ["ULQActQuantizer", "LearnedWeightQuantizer", "RetrainLayer", "prepare_retrain", "start_from",
+           "start_from_ptq", "parameter_groups", "distillation_loss", "train", "initialised"]
