@@ -8,7 +8,9 @@ import torch
 from onnx import numpy_helper
 
 import openamct as amct
+from openamct.modules import QuantLayer
 from openamct.parity import session
+from openamct.primitives import qrange
 from openamct.record import read_record
 from tiny_models import ConvNet, ExoticNet, convnet, exoticnet
 
@@ -56,12 +58,12 @@ def test_convnet_flow_parity_and_integer_kernels(tmp_path, algo):
     x = ConvNet.example_input(16)
     with torch.no_grad():
         want = qmodel(x).numpy()
-    for kind in ("deploy", "fake_quant"):
-        got = session(report["paths"][kind]).run(None, {"input": x.numpy()})[0]
-        np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
-        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
-        if kind == "fake_quant":  # same arithmetic, and no ORT fusion reorders it
-            np.testing.assert_array_equal(got, want)
+    fake = session(report["paths"]["fake_quant"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_array_equal(fake, want)  # same arithmetic, step for step, and no ORT fusion reorders it
+    # ORT's integer kernels requantize each conv's accumulator in one step, as the simulation does: the same
+    # integers, so only the float rounding of the last layer's dequantization (and of the pooling) differs
+    deploy = session(report["paths"]["deploy"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(deploy, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
     deploy = onnx.load(report["paths"]["deploy"])
     inits = {i.name: numpy_helper.to_array(i) for i in deploy.graph.initializer}
@@ -75,6 +77,41 @@ def test_convnet_flow_parity_and_integer_kernels(tmp_path, algo):
     assert [producers[i] for i in add.input] == ["DequantizeLinear"] * 2  # the residual add reads integers
     fake_ops = {n.op_type for n in onnx.load(report["paths"]["fake_quant"]).graph.node}
     assert not fake_ops & {"QuantizeLinear", "DequantizeLinear"} and {"Round", "Clip", "Div"} <= fake_ops
+
+
+def test_deploy_integers_equal_the_simulation(tmp_path):
+    """Every quantized activation of the deploy model, run by ORT's integer kernels, equals the simulation's code
+    (dequantize-then-quantize in two float roundings gets ~30 of these 300k codes wrong on this model)."""
+    torch.manual_seed(0)
+    layers = []
+    for cin, cout in ((3, 32), (32, 64), (64, 64), (64, 64)):
+        layers += [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU6()]
+    model = torch.nn.Sequential(*layers, torch.nn.Conv2d(64, 16, 1)).eval()
+    for bn in model[1::3]:
+        bn.running_var.uniform_(0.5, 2)
+        bn.running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(16, 3, 32, 32)
+    qmodel, report = run_flow(tmp_path, model, x[:1], [x])
+    codes = {}
+
+    def keep_codes(name):
+        def hook(quantizer, args, out):
+            codes[name] = (torch.round(out / quantizer.scale) + quantizer.offset - qrange(8)[0]).numpy()
+        return hook
+
+    for name, layer in qmodel.named_modules():
+        if isinstance(layer, QuantLayer):
+            layer.input_quantizer.register_forward_hook(keep_codes(name))
+    with torch.no_grad():
+        want = qmodel(x).numpy()
+    deploy = onnx.load(report["paths"]["deploy"])
+    tensors = [f"{name}.quant.q" for name in codes]
+    deploy.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
+    got, *deployed_codes = session(deploy).run(["output"] + tensors, {"input": x.numpy()})
+    assert "QLinearConv" in optimized_ops(report["paths"]["deploy"], tmp_path)
+    for name, deployed in zip(codes, deployed_codes):
+        np.testing.assert_array_equal(deployed, codes[name], err_msg=name)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_fake_quant_weights_and_bias_match_the_record(tmp_path):

@@ -4,7 +4,9 @@ The fused model carries, in its metadata, which ONNX node computes which quantiz
 only the two files, as in AMCT. Deploy: QuantizeLinear/DequantizeLinear with uint8 activations, int8 weights and
 int32 biases, the pattern ONNX Runtime turns into QLinearConv / QGemm / MatMulInteger kernels. Fake-quant (AMCT's
 form, standard ops only): Div/Round/Add/Clip/Sub give integer codes, each layer runs on integer-valued weights and
-bias, and one Mul by scale_d * scale_w dequantizes its output, the same arithmetic as the PyTorch simulation.
+bias, and one division by 1 / (scale_d * scale_w) dequantizes its output; where that output (through ReLU/Clip)
+is quantized again, the codes come from the accumulator in one Mul, as QLinearConv requantizes. This is the
+arithmetic of the PyTorch simulation, step for step, so the two agree bit for bit.
 """
 import copy
 import hashlib
@@ -21,7 +23,7 @@ from onnx.reference import ReferenceEvaluator
 from . import nuq
 from .fileio import write_bytes
 from .modules import QuantLayer
-from .primitives import qrange
+from .primitives import FLT_EPSILON, qrange
 
 META_KEY = "openamct.layers"
 OPSET = 17
@@ -209,11 +211,14 @@ def _toposort(graph: onnx.GraphProto, nodes: list) -> None:
     graph.node.extend(ordered)
 
 
-def _quant_nodes(tensor: str, tag: str, scale: float, offset: int, num_bits: int, deploy: bool, const) -> list:
+def _quant_nodes(tensor: str, tag: str, scale: float, offset: int, num_bits: int, deploy: bool, const,
+                 requantize=None) -> list:
     """Nodes that quantize `tensor` and give its dequantized value as `<tag>.dq`.
 
     Deploy: QuantizeLinear/DequantizeLinear with uint8 codes (AMCT's int8 code + 128: the same numbers, and the
-    kernels x86 runs fastest). Fake-quant: AMCT's Div/Round/Add/Clip/Sub chain, then Mul back to float.
+    kernels x86 runs fastest). Fake-quant: AMCT's Div/Round/Add/Clip/Sub chain, then Mul back to float; where
+    `requantize` = (accumulator tensor, grid) names the integer accumulator `tensor` was computed from, the chain
+    starts from it with one Mul by grid / scale instead of the Div, as the simulation (modules.ActQuantizer) does.
     """
     qmin, qmax = qrange(num_bits)
     s = const(f"{tag}.scale", np.float32(scale))
@@ -223,14 +228,38 @@ def _quant_nodes(tensor: str, tag: str, scale: float, offset: int, num_bits: int
                 helper.make_node("DequantizeLinear", [f"{tag}.q", s, zp], [f"{tag}.dq"], name=f"{tag}.dq")]
     off = const(f"{tag}.offset", np.float32(offset))
     lo, hi = const(f"{tag}.min", np.float32(qmin)), const(f"{tag}.max", np.float32(qmax))
-    steps = [("Div", [tensor, s]), ("Round", []), ("Add", [off]), ("Clip", [lo, hi]), ("Sub", [off]), ("Mul", [s])]
-    names = {"Sub": f"{tag}.codes", "Mul": f"{tag}.dq"}  # codes feed the quantized layers, dq everything else
+    if requantize is None:
+        first = ("Div", [tensor, s])
+    else:
+        acc, grid = requantize
+        first = ("Mul", [acc, const(f"{tag}.multiplier", (grid / np.float32(scale)).astype(np.float32))])
+    steps = [first, ("Round", []), ("Add", [off]), ("Clip", [lo, hi]), ("Sub", [off]), ("Mul", [s])]
+    names = {"Sub": f"{tag}.codes"}  # codes feed the quantized layers, the dequantized value everything else
     chain, prev = [], None
-    for op, extra in steps:
-        out = names.get(op, f"{tag}.{op.lower()}")
+    for i, (op, extra) in enumerate(steps):
+        out = f"{tag}.dq" if i == len(steps) - 1 else names.get(op, f"{tag}.{op.lower()}")
         chain.append(helper.make_node(op, extra if prev is None else [prev] + extra, [out], name=out))
         prev = out
     return chain
+
+
+def _clipped_source(tensor: str, producers: dict, values: dict, accumulators: dict):
+    """(accumulator, grid, low, high) when `tensor` is a quantized layer's output passed through Relu/Clip nodes
+    with constant bounds only, else None: the pattern the simulation requantizes in one step."""
+    low, high = -np.inf, np.inf
+    node = producers.get(tensor)
+    while node is not None and node.op_type in ("Relu", "Clip"):
+        bounds = [0.0, np.inf] if node.op_type == "Relu" else [-np.inf, np.inf]
+        for i, name in ((1, "min"), (2, "max")):
+            if node.op_type == "Clip" and len(node.input) > i and node.input[i]:
+                if node.input[i] not in values:
+                    return None
+                bounds[i - 1] = float(values[node.input[i]])
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+        node = producers.get(node.input[0])
+    if node is None or node.output[0] not in accumulators:
+        return None
+    return accumulators[node.output[0]] + (low, high)
 
 
 def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy: bool) -> onnx.ModelProto:
@@ -245,6 +274,7 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
     inits = {i.name: i for i in graph.initializer}
     nodes = {n.name: n for n in graph.node}
     added_nodes, new_inits, tensors, integer_inputs = [], [], {}, set()
+    accumulators = {}  # fake-quant: a layer's output -> (its accumulator tensor, grid shaped for it)
 
     def const(name, array):
         new_inits.append(numpy_helper.from_array(np.asarray(array), name))
@@ -301,15 +331,27 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
             added_nodes.append(helper.make_node("Div", [f"{layer}.acc", const(f"{layer}.dequant", inverse)],
                                                 [output], name=f"{layer}.dequant"))
             integer_inputs.add(node.name)
+            accumulators[output] = (f"{layer}.acc", grid.reshape(shape))
 
+    producers = {o: n for n in list(graph.node) + added_nodes for o in n.output}
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for tensor, (tag, scale, offset, bits) in tensors.items():
+        requantize = None
+        source = None if deploy else _clipped_source(tensor, producers, values, accumulators)
+        if source is not None:  # the quantizer's range must imply the clipping, as in ActQuantizer.fake_quant
+            acc, grid, low, high = source
+            qmin, qmax = qrange(bits)
+            scale32 = np.float32(scale)
+            if low - float(scale32 * np.float32(qmin - offset)) <= FLT_EPSILON and \
+                    float(scale32 * np.float32(qmax - offset)) - high <= FLT_EPSILON:
+                requantize = (acc, grid)
         for node in graph.node:
             node.input[:] = [f"{tag}.dq" if name == tensor else name for name in node.input]
             if node.name in integer_inputs and node.input[0] == f"{tag}.dq":
                 node.input[0] = f"{tag}.codes"
-        added_nodes.extend(_quant_nodes(tensor, tag, scale, offset, bits, deploy, const))
+        added_nodes.extend(_quant_nodes(tensor, tag, scale, offset, bits, deploy, const, requantize))
 
-    nodes = list(graph.node) + added_nodes
+    nodes = list(graph.node) + added_nodes  # a clip left unread by the requantization stays, for parity probes
     used = {name for node in nodes for name in node.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]

@@ -4,9 +4,16 @@ Quantization is per tensor, as in the deployed graph: one ActQuantizer per quant
 layer that reads it. While the simulation runs, a QuantizedValues mode hands the quantized value of a tensor to
 *every* consumer (a residual add as well as the next conv), which is what the deploy model's single
 QuantizeLinear/DequantizeLinear pair on that tensor does, so the simulation and the exported models agree.
+
+The mode also follows each quantized layer's output through ReLU/ReLU6/clamp to the quantizer that reads it, so
+that quantizer can requantize the layer's integer accumulator in one step, acc * (scale_d * scale_w / scale), as
+integer runtimes do (ONNX Runtime's QLinearConv): the deployed integers then equal the simulation's, instead of
+differing by one in the rare values that the two float roundings of dequantize-then-quantize put on the other
+side of a rounding boundary (differences that grow through a deep network).
 """
 import math
 import weakref
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,16 +27,52 @@ from torch.utils._pytree import tree_map
 from .config import LayerConfig
 from .observers import OBSERVERS
 from . import nuq
-from .primitives import (act_qparams, channel_view, fake_quant, fake_quant_weight, qrange, quantize, quantize_bias,
-                         weight_scales)
+from .primitives import (FLT_EPSILON, act_qparams, channel_view, fake_quant, fake_quant_weight, qrange, quantize,
+                         quantize_bias, round_ste, weight_scales)
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """A quantized layer's output as its integer accumulator: output = clamp(acc * grid, low, high), with `grid`
+    (scale_d * scale_w, per channel along `axis`) and the clipping of the activations it has passed through."""
+    acc: torch.Tensor
+    grid: torch.Tensor
+    axis: int
+    low: float = -math.inf
+    high: float = math.inf
+
+
+def _clip_bounds(func, args: tuple, kwargs: dict):
+    """(low, high) when `func(*args, **kwargs)` clips its first argument to constant bounds (ReLU, ReLU6, hardtanh,
+    clamp), else None."""
+    def arg(i, name, default):
+        value = args[i] if len(args) > i else kwargs.get(name, default)
+        return value if isinstance(value, (int, float)) or value is None else False
+
+    if func in (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_):
+        return 0.0, math.inf
+    if func is F.relu6:
+        return 0.0, 6.0
+    if func is F.hardtanh:
+        low, high = arg(1, "min_val", -1.0), arg(2, "max_val", 1.0)
+    elif func in (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_,
+                  torch.Tensor.clip_):
+        low, high = arg(1, "min", None), arg(2, "max", None)
+    else:
+        return None
+    if low is False or high is False:
+        return None
+    return -math.inf if low is None else float(low), math.inf if high is None else float(high)
 
 
 class QuantizedValues(TorchFunctionMode):
-    """During one forward of the simulation: replaces each quantized tensor by its quantized value in every op."""
+    """During one forward of the simulation: replaces each quantized tensor by its quantized value in every op,
+    and tracks which tensors are a quantized layer's (clipped) accumulator."""
 
     def __init__(self):
         super().__init__()
         self.values = {}  # id(float tensor) -> (weakref to it, quantized tensor)
+        self.accumulators = {}  # id(float tensor) -> (weakref to it, Accumulator)
 
     def put(self, x: torch.Tensor, xq: torch.Tensor) -> None:
         self.values[id(x)] = (weakref.ref(x), xq)
@@ -45,8 +88,26 @@ class QuantizedValues(TorchFunctionMode):
                 return quantized
         return t
 
+    def put_accumulator(self, y: torch.Tensor, source: Accumulator) -> None:
+        self.accumulators[id(y)] = (weakref.ref(y), source)
+
+    def accumulator(self, x: torch.Tensor) -> Accumulator | None:
+        entry = self.accumulators.get(id(x))
+        return entry[1] if entry is not None and entry[0]() is x else None
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*tree_map(self._swap, args), **tree_map(self._swap, kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*tree_map(self._swap, args), **tree_map(self._swap, kwargs))
+        source = self.accumulator(args[0]) if self.accumulators and args and isinstance(args[0], torch.Tensor) \
+            else None
+        if source is not None:
+            bounds = _clip_bounds(func, args, kwargs)
+            if bounds is not None and isinstance(out, torch.Tensor):
+                self.put_accumulator(out, replace(source, low=max(source.low, bounds[0]),
+                                                  high=min(source.high, bounds[1])))
+            elif out is args[0]:  # changed in place (or returned as is): no longer known to be the accumulator
+                del self.accumulators[id(args[0])]
+        return out
 
 
 _ACTIVE: list[QuantizedValues] = []
@@ -99,13 +160,27 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x):
         if self.calibrated:
-            return shared_quantized(x, lambda v: fake_quant(v, self.scale, self.offset, self.params.num_bits))
+            return shared_quantized(x, self.fake_quant)
         seen = self._last_seen() if self._last_seen is not None else None
         if seen is not x and self.batches_seen < self.batch_num:  # AMCT ignores batches beyond batch_num
             self.observer.observe(x)
             self.batches_seen += 1
             self._last_seen = weakref.ref(x)
         return x
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """x quantized and dequantized; from its accumulator in one rounding where x is a quantized layer's output
+        clipped by nothing that this quantizer's own range does not imply (so a runtime drops the clip)."""
+        qmin, qmax = qrange(self.params.num_bits)
+        source = _ACTIVE[-1].accumulator(x) if _ACTIVE else None
+        low, high = float(self.scale * (qmin - self.offset)), float(self.scale * (qmax - self.offset))
+        if source is None or source.low - low > FLT_EPSILON or high - source.high > FLT_EPSILON:
+            return fake_quant(x, self.scale, self.offset, self.params.num_bits)
+        multiplier = (source.grid / self.scale).to(source.acc)
+        if multiplier.numel() > 1:
+            multiplier = channel_view(multiplier, source.acc.dim(), source.axis)
+        codes = torch.clamp(round_ste(source.acc * multiplier) + self.offset, qmin, qmax)
+        return (codes - self.offset) * self.scale
 
     def finish(self) -> None:
         if self.calibrated:
@@ -394,7 +469,10 @@ class QuantLayer(nn.Module):
         acc = functional_call(self.layer, {"weight": weight_codes, "bias": bias}, (codes,))
         channel_axis = acc.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
         inverse = 1.0 / grid  # divided by, as the fake-quant ONNX model does (see export.build_quantized)
-        return acc / (channel_view(inverse, acc.dim(), channel_axis) if inverse.numel() > 1 else inverse)
+        y = acc / (channel_view(inverse, acc.dim(), channel_axis) if inverse.numel() > 1 else inverse)
+        if _ACTIVE:
+            _ACTIVE[-1].put_accumulator(y, Accumulator(acc, grid, channel_axis))
+        return y
 
     def weight_scales(self) -> torch.Tensor:
         """scale_w as deployed: the quantizer's, raised where the INT32 bias on the grid scale_d * scale_w would
