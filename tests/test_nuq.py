@@ -13,7 +13,7 @@ import openamct as amct
 from openamct.config import ConfigError
 from openamct.nuq import codebooks, load_packed, optimal_levels, pack, snap, unpack
 from openamct.record import read_record
-from tiny_models import ConvNet, convnet
+from tiny_models import ConvNet, ExoticNet, convnet, exoticnet
 
 
 def cost(counts, levels):
@@ -201,6 +201,15 @@ def test_bad_nuq_config(tmp_path, cfg, message):
     (tmp_path / "nuq.cfg").write_text(cfg)
     with pytest.raises(ConfigError, match=message):
         amct.create_quant_config("c.json", convnet(), ConvNet.example_input(), config_defination="nuq.cfg")
+
+
+def test_nuq_on_a_layer_type_that_cannot_take_it(tmp_path):
+    os.chdir(tmp_path)
+    (tmp_path / "nuq.cfg").write_text('batch_num: 1\n'
+                                      'override_layer_configs {\n  layer_name: "c1"\n'
+                                      '  calibration_config { nuq_quantize { num_steps: 16 } }\n}\n')
+    with pytest.raises(ConfigError, match=r"nuq.cfg:4: layer 'c1' \(Conv1d\) cannot take nuq_quantize"):
+        amct.create_quant_config("c.json", exoticnet(), ExoticNet.example_input(), config_defination="nuq.cfg")
 
 
 def test_mapping_file_naming_no_layer(tmp_path):

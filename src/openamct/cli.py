@@ -687,50 +687,47 @@ def run_retrain(args) -> int:
         losses = retrain.train(trained, loader, args.steps, optimizer, scheduler=scheduler,
                                teacher=model if args.kd_weight > 0 else None, kd_weight=args.kd_weight,
                                device=device)
-    if rank != 0:
-        dist.barrier()
-        dist.destroy_process_group()
-        return 0
-
-    qmodel.eval()
-    with _timed(timings, "save_model"):
-        torch.save({"state_dict": qmodel.state_dict()}, tmp / "checkpoint.pth")
-        qmodel.cpu()  # the parity check runs on CPU tensors
-        saved = amct.save_quant_retrain_model(str(config_file), qmodel, str(record_file), str(output / name),
-                                              input_data.cpu(), input_names=["input"], output_names=["output"],
-                                              dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
-        qmodel.to(device)
-    evaluation = dataset.subset(n_train, n_train + args.eval if args.eval else None)
-    predictors = {"fp32": _TorchPredictor(model, device), "qat": _TorchPredictor(qmodel, device),
-                  "deploy": _OnnxPredictor(saved["paths"]["deploy"], args.threads or 0)}
-    with _timed(timings, "evaluation"):
-        accuracy, _, top1, skipped = _evaluate(predictors, evaluation, args.batch_size, args.workers,
-                                               "evaluating fp32, qat, deploy")
-    timings["total"] = round(time.perf_counter() - start, 3)
-    report = {"model": name, "world_size": world, "device": str(device), "train_images": n_train,
-              "eval_images": accuracy["fp32"].count, "config": str(cfg), "steps": args.steps,
-              "batch_size": args.batch_size, "losses": losses,
-              "accuracy": {key: {"top1": acc.top1, "top5": acc.top5} for key, acc in accuracy.items()},
-              "deploy_qat_top1_agreement": float((top1["deploy"] == top1["qat"]).mean()),
-              "parity": saved["parity"], "skipped_images": skipped,
-              "paths": {key: os.path.abspath(value) for key, value in saved["paths"].items()}, "timings_s": timings}
-    write_text(str(output / "retrain_report.json"), json.dumps(_json_safe(report), indent=2) + "\n")
-    print(f"\n{name}: QAT with {cfg} on {n_train} images, {args.steps} steps x {args.batch_size} x {world} "
-          f"process(es), {timings['training']:.0f} s; final loss {np.mean(losses[-10:]):.4f}")
-    print(f"\nAccuracy on {report['eval_images']} held-out images:")
-    for key, label in (("fp32", "FP32 (PyTorch)"), ("qat", "QAT model (PyTorch)"), ("deploy", "QAT deploy (ORT)")):
-        acc = accuracy[key]
-        print(f"  {label:<22}{100 * acc.top1:>7.2f}%{100 * acc.top5:>8.2f}%")
-    print(f"  deploy and QAT model agree on the top-1 class of {100 * report['deploy_qat_top1_agreement']:.1f}% "
-          f"of the images")
-    for kind, result in saved["parity"].items():
-        print(f"  parity of the {kind} model: max abs diff {result['max_abs_diff']:.3g}"
-              + ("  ok" if result["ok"] else f"  DIVERGES from layer {result.get('first_divergent_layer')}"))
-    print("\nOutputs:")
-    for key, path in saved["paths"].items():
-        print(f"  {key:<12} {os.path.abspath(path)}")
-    print(f"  {'report':<12} {os.path.abspath(output / 'retrain_report.json')}")
-    print(f"Total time: {timings['total']:.1f} s")
+    if rank == 0:  # saves, evaluates and reports while the other ranks wait at the barrier below
+        qmodel.eval()
+        with _timed(timings, "save_model"):
+            torch.save({"state_dict": qmodel.state_dict()}, tmp / "checkpoint.pth")
+            qmodel.cpu()  # the parity check runs on CPU tensors
+            saved = amct.save_quant_retrain_model(
+                str(config_file), qmodel, str(record_file), str(output / name), input_data.cpu(),
+                input_names=["input"], output_names=["output"],
+                dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
+            qmodel.to(device)
+        evaluation = dataset.subset(n_train, n_train + args.eval if args.eval else None)
+        predictors = {"fp32": _TorchPredictor(model, device), "qat": _TorchPredictor(qmodel, device),
+                      "deploy": _OnnxPredictor(saved["paths"]["deploy"], args.threads or 0)}
+        with _timed(timings, "evaluation"):
+            accuracy, _, top1, skipped = _evaluate(predictors, evaluation, args.batch_size, args.workers,
+                                                   "evaluating fp32, qat, deploy")
+        timings["total"] = round(time.perf_counter() - start, 3)
+        report = {"model": name, "world_size": world, "device": str(device), "train_images": n_train,
+                  "eval_images": accuracy["fp32"].count, "config": str(cfg), "steps": args.steps,
+                  "batch_size": args.batch_size, "losses": losses,
+                  "accuracy": {key: {"top1": acc.top1, "top5": acc.top5} for key, acc in accuracy.items()},
+                  "deploy_qat_top1_agreement": float((top1["deploy"] == top1["qat"]).mean()),
+                  "parity": saved["parity"], "skipped_images": skipped,
+                  "paths": {key: os.path.abspath(value) for key, value in saved["paths"].items()}, "timings_s": timings}
+        write_text(str(output / "retrain_report.json"), json.dumps(_json_safe(report), indent=2) + "\n")
+        print(f"\n{name}: QAT with {cfg} on {n_train} images, {args.steps} steps x {args.batch_size} x {world} "
+              f"process(es), {timings['training']:.0f} s; final loss {np.mean(losses[-10:]):.4f}")
+        print(f"\nAccuracy on {report['eval_images']} held-out images:")
+        for key, label in (("fp32", "FP32 (PyTorch)"), ("qat", "QAT model (PyTorch)"), ("deploy", "QAT deploy (ORT)")):
+            acc = accuracy[key]
+            print(f"  {label:<22}{100 * acc.top1:>7.2f}%{100 * acc.top5:>8.2f}%")
+        print(f"  deploy and QAT model agree on the top-1 class of {100 * report['deploy_qat_top1_agreement']:.1f}% "
+              f"of the images")
+        for kind, result in saved["parity"].items():
+            print(f"  parity of the {kind} model: max abs diff {result['max_abs_diff']:.3g}"
+                  + ("  ok" if result["ok"] else f"  DIVERGES from layer {result.get('first_divergent_layer')}"))
+        print("\nOutputs:")
+        for key, path in saved["paths"].items():
+            print(f"  {key:<12} {os.path.abspath(path)}")
+        print(f"  {'report':<12} {os.path.abspath(output / 'retrain_report.json')}")
+        print(f"Total time: {timings['total']:.1f} s")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -151,6 +151,10 @@ def check_names(names, known, what: str) -> None:
             raise ConfigError(f"{what} '{name}' is not a quantizable layer of the model{hint}")
 
 
+def _raise(error: Exception):
+    raise error
+
+
 def _line_of(text: str, needle: str) -> int:
     index = text.find(needle)
     return text.count("\n", 0, index) + 1 if index >= 0 else 1
@@ -313,8 +317,8 @@ def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
             if entry.layer_name == name:
                 layer = at(entry.layer_name, lambda: _params_from_proto(layer, entry.calibration_config))
         if layer.weight.wts_algo == "nuq_quantize" and not set(types) & set(NUQ_TYPES):
-            raise ConfigError(f"{path}:{_line_of(text, 'nuq_quantize')}: layer '{name}' ({types[0]}) cannot take "
-                              f"nuq_quantize: only {' and '.join(NUQ_TYPES)} layers can")
+            at("nuq_quantize", lambda: _raise(ConfigError(f"layer '{name}' ({types[0]}) cannot take nuq_quantize: "
+                                                          f"only {' and '.join(NUQ_TYPES)} layers can")))
         skipped = name in message.skip_layers or any(t in message.skip_layer_types for t in types)
         layers[name] = dataclasses.replace(layer, quant_enable=not skipped)
     return at("batch_num", lambda: QuantConfig(

@@ -144,6 +144,21 @@ def shared_quantized(x: torch.Tensor, quantize_fn) -> torch.Tensor:
     return xq
 
 
+def requantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """fake_quant(x): from x's accumulator in one rounding where x is a quantized layer's output clipped by nothing
+    that this range does not imply (so that a runtime drops the clip and requantizes as here)."""
+    qmin, qmax = qrange(num_bits)
+    source = _ACTIVE[-1].accumulator(x) if _ACTIVE else None
+    low, high = float(scale * (qmin - offset)), float(scale * (qmax - offset))
+    if source is None or source.low - low > FLT_EPSILON or high - source.high > FLT_EPSILON:
+        return fake_quant(x, scale, offset, num_bits)
+    multiplier = (source.grid / scale).to(source.acc)
+    if multiplier.numel() > 1:
+        multiplier = channel_view(multiplier, source.acc.dim(), source.axis)
+    codes = torch.clamp(round_ste(source.acc * multiplier) + offset, qmin, qmax)
+    return (codes - offset) * scale
+
+
 class ActQuantizer(nn.Module):
     """Observes a tensor while calibrating, then fake-quantizes it with the computed scale/offset."""
 
@@ -160,27 +175,13 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x):
         if self.calibrated:
-            return shared_quantized(x, self.fake_quant)
+            return shared_quantized(x, lambda v: requantize(v, self.scale, self.offset, self.params.num_bits))
         seen = self._last_seen() if self._last_seen is not None else None
         if seen is not x and self.batches_seen < self.batch_num:  # AMCT ignores batches beyond batch_num
             self.observer.observe(x)
             self.batches_seen += 1
             self._last_seen = weakref.ref(x)
         return x
-
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """x quantized and dequantized; from its accumulator in one rounding where x is a quantized layer's output
-        clipped by nothing that this quantizer's own range does not imply (so a runtime drops the clip)."""
-        qmin, qmax = qrange(self.params.num_bits)
-        source = _ACTIVE[-1].accumulator(x) if _ACTIVE else None
-        low, high = float(self.scale * (qmin - self.offset)), float(self.scale * (qmax - self.offset))
-        if source is None or source.low - low > FLT_EPSILON or high - source.high > FLT_EPSILON:
-            return fake_quant(x, self.scale, self.offset, self.params.num_bits)
-        multiplier = (source.grid / self.scale).to(source.acc)
-        if multiplier.numel() > 1:
-            multiplier = channel_view(multiplier, source.acc.dim(), source.axis)
-        codes = torch.clamp(round_ste(source.acc * multiplier) + self.offset, qmin, qmax)
-        return (codes - self.offset) * self.scale
 
     def finish(self) -> None:
         if self.calibrated:

@@ -37,14 +37,16 @@ def act_qparams(clip_min: float, clip_max: float, num_bits: int = 8, asymmetric:
     return float(torch.tensor(scale, dtype=torch.float32)), 0
 
 
+def channel_rows(weight: torch.Tensor, channel_wise: bool, axis: int) -> torch.Tensor:
+    """The weight (detached, float32) as one row per output channel (along `axis`), or as a single row."""
+    w = weight.detach().float()
+    return w.transpose(0, axis).reshape(w.shape[axis], -1) if channel_wise else w.reshape(1, -1)
+
+
 def weight_scales(weight: torch.Tensor, num_bits: int = 8, channel_wise: bool = True, axis: int = 0) -> torch.Tensor:
     """Symmetric ARQ scales, one per output channel (along `axis`) or one for the tensor; float32, 1-D."""
     qmin, qmax = qrange(num_bits)
-    w = weight.detach().float()
-    if channel_wise:
-        w = w.transpose(0, axis).reshape(w.shape[axis], -1)
-    else:
-        w = w.reshape(1, -1)
+    w = channel_rows(weight, channel_wise, axis)
     wmax, wmin = w.amax(dim=1).clamp(min=0), w.amin(dim=1).clamp(max=0)
     negative_larger = (-wmin) > wmax
     bound = torch.maximum(wmax, -wmin)

@@ -27,9 +27,10 @@ from tqdm import tqdm
 from .api import prepare, quant_layers, quantize
 from .config import RetrainConfig
 from .fileio import is_main_process
-from .modules import QuantLayer, WeightQuantizer, shared_quantized
+from .modules import QuantLayer, WeightQuantizer, requantize, shared_quantized
 from .observers import IFMRObserver
-from .primitives import FLT_EPSILON, act_qparams, fake_quant, fake_quant_weight, qrange, round_ste
+from .primitives import (FLT_EPSILON, act_qparams, channel_rows, fake_quant, fake_quant_weight, qrange,
+                         round_ste)
 
 
 class ULQActQuantizer(nn.Module):
@@ -77,7 +78,7 @@ class ULQActQuantizer(nn.Module):
             scale, offset = act_qparams(*self.clip_range(), self.params.num_bits, True)
             self.scale.fill_(scale)
             self.offset.fill_(offset)
-        return shared_quantized(x, lambda v: fake_quant(v, self.scale, self.offset, self.params.num_bits))
+        return shared_quantized(x, lambda v: requantize(v, self.scale, self.offset, self.params.num_bits))
 
     def _learned(self, x):
         qmin, qmax = qrange(self.params.num_bits)
@@ -117,8 +118,7 @@ class ULQActQuantizer(nn.Module):
 def least_error_scales(weight: torch.Tensor, num_bits: int, channel_wise: bool, axis: int,
                        ratios: torch.Tensor = torch.linspace(0.3, 1.0, 71)) -> torch.Tensor:
     """Per channel (or tensor), the fraction of the max-abs scale with the least squared quantization error."""
-    w = weight.detach().float()
-    w = w.transpose(0, axis).reshape(w.shape[axis], -1) if channel_wise else w.reshape(1, -1)
+    w = channel_rows(weight, channel_wise, axis)
     qmin, qmax = qrange(num_bits)
     full = w.abs().amax(1) / qmax
     full = torch.where(full < FLT_EPSILON, torch.ones_like(full), full)  # all-zero channels: scale 1, as ARQ
