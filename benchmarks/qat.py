@@ -7,6 +7,9 @@ For each weight bit width it reports top-1/top-5 on the 200 held-out images and 
 - QAT through the AMCT calls (create_quant_retrain_config/model, training, save_quant_retrain_model), with the
   exported deploy ONNX model evaluated in ONNX Runtime.
 ``--world-size 2`` trains with DistributedDataParallel over 2 CPU processes (gloo), each with half the batch.
+``--int8 first,depthwise`` keeps the stem conv and the depthwise convs (4 % of EfficientNet-Lite0's weights, and
+most of its 4-bit loss) at 8 bits, through one retrain.cfg ``override_layer_configs`` entry per layer, in PTQ and
+QAT alike.
 
 Each of the 800 images is of a different class, so the 200 evaluation classes never occur in training: the default
 loss is pure distillation from the FP32 model (``--kd-weight 1``), which teaches all 1000 classes, where the
@@ -42,6 +45,29 @@ MODEL = "efficientnet_lite0"
 IO = dict(input_names=["input"], output_names=["output"],
           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
 RETRAIN_CFG = "batch_num: {n}\nretrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }}\n"
+OVERRIDE_CFG = ('override_layer_configs {{ layer_name: "{name}" '
+                'retrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }} }}\n')
+
+
+def int8_layers(model, groups: list[str]) -> list[str]:
+    """The layers of `groups`: "first" (the stem conv, the first quantized layer), "depthwise" (every depthwise
+    conv)."""
+    layers = list(inspect_model(model, torch.zeros(1, 3, 224, 224)).layers)
+    chosen = [layers[0]] if "first" in groups else []
+    if "depthwise" in groups:
+        chosen += [name for name in layers if (m := model.get_submodule(name)).groups > 1
+                   and m.groups == m.in_channels]
+    return chosen
+
+
+def weight_bits(model, bits: int, groups: list[str]) -> dict:
+    """Layer name -> weight bits: `bits`, except the layers of `groups` (see int8_layers) at 8."""
+    keep = set(int8_layers(model, groups))
+    return {name: 8 if name in keep else bits for name in inspect_model(model, torch.zeros(1, 3, 224, 224)).layers}
+
+
+def label(bits: int, groups: list[str]) -> str:
+    return f"W{bits}A8" + (f" ({' + '.join(groups)} W8)" if groups and bits != 8 else "")
 
 
 def dataset(args) -> LabelledImages:
@@ -70,10 +96,11 @@ def scores(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None)
     return out
 
 
-def ptq(model, bits: int, rounding: str, calib: torch.Tensor, batch_num: int) -> tuple[torch.nn.Module, float]:
-    layers = inspect_model(model, calib[:1]).layers
-    weight = WeightQuantParams(num_bits=bits, rounding=rounding, bias_correction=rounding == "gptq")
-    config = QuantConfig(layers={name: LayerConfig(weight=weight) for name in layers}, batch_num=batch_num)
+def ptq(model, bits: dict, rounding: str, calib: torch.Tensor, batch_num: int) -> tuple[torch.nn.Module, float]:
+    """PTQ with `bits` (layer name -> weight bits) and AMCT's nearest rounding or GPTQ + bias correction."""
+    config = QuantConfig(layers={name: LayerConfig(weight=WeightQuantParams(
+        num_bits=b, rounding=rounding, bias_correction=rounding == "gptq")) for name, b in bits.items()},
+        batch_num=batch_num)
     size = len(calib) // batch_num
     start = time.perf_counter()
     qmodel = amct.quantize(model, config, lambda m: [m(calib[i * size:(i + 1) * size]) for i in range(batch_num)],
@@ -96,7 +123,11 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
     config, record = os.path.join(work, "config.json"), os.path.join(work, "record.txt")
     if rank == 0:
         algo = "ulq_retrain" if bits < 8 else "arq_retrain"
-        Path(cfg).write_text(RETRAIN_CFG.format(n=args.init_batches, algo=algo, bits=bits))
+        text = RETRAIN_CFG.format(n=args.init_batches, algo=algo, bits=bits)
+        if bits != 8:
+            text += "".join(OVERRIDE_CFG.format(name=name, algo="arq_retrain", bits=8)
+                            for name in int8_layers(model, args.int8))
+        Path(cfg).write_text(text)
         amct.create_quant_retrain_config(config, model, dummy, cfg)
     if world > 1:
         dist.barrier()
@@ -176,7 +207,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-ptq", action="store_true")
+    parser.add_argument("--int8", default="", help="comma list of layer groups whose weights stay 8-bit: first "
+                        "(the stem conv), depthwise; a retrain.cfg override_layer_configs entry per layer")
     args = parser.parse_args()
+    args.int8 = [g for g in args.int8.split(",") if g]
+    if set(args.int8) - {"first", "depthwise"}:
+        parser.error(f"--int8: unknown layer groups {sorted(set(args.int8) - {'first', 'depthwise'})}")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")
@@ -190,27 +226,28 @@ def main() -> None:
         if not args.skip_ptq:
             calib, _ = tensors(images.subset(0, 32 * args.calib_batches))
             for rounding, name in (("nearest", "ARQ"), ("gptq", "GPTQ")):
-                qmodel, seconds = ptq(model, bits, rounding, calib, args.calib_batches)
-                rows.append((f"PTQ W{bits}A8 {name}", scores(logits_of(qmodel, evaluation), labels, fp32),
-                             f"calib {seconds:.0f} s"))
+                qmodel, seconds = ptq(model, weight_bits(model, bits, args.int8), rounding, calib,
+                                      args.calib_batches)
+                rows.append((f"PTQ {label(bits, args.int8)} {name}",
+                             scores(logits_of(qmodel, evaluation), labels, fp32), f"calib {seconds:.0f} s"))
                 print(rows[-1], flush=True)
         result = run_qat(args, bits)
         sim, deploy = np.asarray(result["sim"]), np.asarray(result["deploy"])
         note = (f"train {result['train_s']:.0f} s, {args.steps} steps x {args.batch_size}, world {args.world_size}, "
                 f"final loss {np.mean(result['losses'][-10:]):.3f}, rank spread {result['rank_spread']:.2g}")
-        rows.append((f"QAT W{bits}A8", scores(sim, labels, fp32), note))
+        rows.append((f"QAT {label(bits, args.int8)}", scores(sim, labels, fp32), note))
         deploy_scores = scores(deploy, labels, fp32)
         deploy_scores["agree_sim"] = 100 * float((deploy.argmax(1) == sim.argmax(1)).mean())
-        rows.append((f"QAT W{bits}A8 deploy ONNX", deploy_scores, result["work"]))
+        rows.append((f"QAT {label(bits, args.int8)} deploy ONNX", deploy_scores, result["work"]))
         print(rows[-2], rows[-1], flush=True)
 
     print(f"\nEfficientNet-Lite0, trained on images 0..{args.train - 1}, evaluated on the other "
           f"{len(labels)} (top-1 / top-5 %, top-1 agreement with FP32 %)")
-    print(f"{'model':28s} {'top1':>7s} {'top5':>7s} {'agree':>7s}  notes")
+    print(f"{'model':44s} {'top1':>7s} {'top5':>7s} {'agree':>7s}  notes")
     for name, s, note in rows:
         agree = f"{s['agree_fp32']:7.2f}" if "agree_fp32" in s else " " * 7
         extra = f", agree sim {s['agree_sim']:.2f}" if "agree_sim" in s else ""
-        print(f"{name:28s} {s['top1']:7.2f} {s['top5']:7.2f} {agree}  {note}{extra}")
+        print(f"{name:44s} {s['top1']:7.2f} {s['top5']:7.2f} {agree}  {note}{extra}")
     (args.out / "qat_results.json").write_text(json.dumps([{"model": n, **s, "notes": t} for n, s, t in rows],
                                                           indent=1))
 
