@@ -55,7 +55,7 @@ def int8_layers(model, groups: list[str]) -> list[str]:
     layers = list(inspect_model(model, torch.zeros(1, 3, 224, 224)).layers)
     chosen = [layers[0]] if "first" in groups else []
     if "depthwise" in groups:
-        chosen += [name for name in layers if (m := model.get_submodule(name)).groups > 1
+        chosen += [name for name in layers if getattr(m := model.get_submodule(name), "groups", 1) > 1
                    and m.groups == m.in_channels]
     return chosen
 
