@@ -250,6 +250,31 @@ class WeightQuantizer(nn.Module):
         return f"{algo}, bits={self.params.num_bits}, channel_wise={self.params.channel_wise}"
 
 
+def _column_quantizer(weight: torch.Tensor, quantizer: WeightQuantizer, device):
+    """column (one value per output channel) -> its dequantized value on the quantizer's grid (and codebook)."""
+    scale = quantizer.scales(weight).double().to(device).expand(weight.shape[0])
+    table = quantizer._table.to(device).double() if quantizer._table is not None else None
+    rows = torch.arange(weight.shape[0], device=device) if table is not None and table.shape[0] > 1 else \
+        torch.zeros(weight.shape[0], dtype=torch.long, device=device)
+    qmin, qmax = qrange(quantizer.params.num_bits)
+
+    def quantize_column(column):
+        codes = torch.clamp(torch.round(column / scale), qmin, qmax)
+        if table is not None:
+            codes = table[rows, codes.long() + 128]
+        return codes * scale
+    return quantize_column
+
+
+def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """hessian (float64, [..., K, K]) with dead inputs made harmless and damp * mean diagonal added."""
+    h = hessian.double().clone()
+    diagonal = torch.diagonal(h, dim1=-2, dim2=-1)
+    diagonal[diagonal == 0] = 1.0
+    diagonal += damp * diagonal.mean(-1, keepdim=True)
+    return h
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, block: int = 128,
          damp: float = 0.01) -> torch.Tensor:
     """Weights on the quantizer's grid chosen column by column, each column's error pushed onto the columns not
@@ -257,27 +282,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer
     the calibration data, not the weight error, is what is minimised. Returns dequantized weights."""
     shape = weight.shape
     w = weight.detach().double().reshape(shape[0], -1).clone()
-    h = hessian.to(w.device, torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    w[:, torch.diag(hessian) == 0] = 0.0
+    h = _damped(hessian.to(w.device), damp)
     order = torch.argsort(torch.diag(h), descending=True)  # the columns that matter most go first
     w, h = w[:, order], h[order][:, order]
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    scale = quantizer.scales(weight).double().reshape(-1, 1) if quantizer.params.channel_wise else \
-        quantizer.scales(weight).double().reshape(1, 1)
-    table = quantizer._table.to(w.device).double() if quantizer._table is not None else None
-    qmin, qmax = qrange(quantizer.params.num_bits)
-
-    def quantize_column(column):
-        codes = torch.clamp(torch.round(column / scale[:, 0]), qmin, qmax)
-        if table is not None:
-            rows = torch.arange(codes.shape[0], device=w.device) if table.shape[0] > 1 else \
-                torch.zeros(codes.shape[0], dtype=torch.long, device=w.device)
-            codes = table[rows, codes.long() + 128]
-        return codes * scale[:, 0]
-
+    quantize_column = _column_quantizer(weight, quantizer, w.device)
     out = torch.zeros_like(w)
     for start in range(0, w.shape[1], block):
         end = min(start + block, w.shape[1])
@@ -290,6 +300,24 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer
             errors[:, k] = error
         w[:, end:] -= errors @ upper[start:end, end:]
     return out[:, torch.argsort(order)].reshape(shape).to(weight.dtype)
+
+
+def gptq_depthwise(weight: torch.Tensor, hessians: torch.Tensor, quantizer: WeightQuantizer,
+                   damp: float = 0.01) -> torch.Tensor:
+    """GPTQ for a depthwise conv: each output channel is a layer of its own, its kh * kw weights seeing only its
+    input channel's patches, so every channel has its own Hessian ([C, K, K]) and all channels run as a batch."""
+    shape = weight.shape
+    w = weight.detach().double().reshape(shape[0], -1).clone()
+    w[torch.diagonal(hessians, dim1=-2, dim2=-1) == 0] = 0.0
+    h = _damped(hessians.to(w.device), damp)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    quantize_column = _column_quantizer(weight, quantizer, w.device)
+    out = torch.zeros_like(w)
+    for k in range(w.shape[1]):
+        out[:, k] = quantize_column(w[:, k])
+        error = (w[:, k] - out[:, k]) / upper[:, k, k]
+        w[:, k:] -= error[:, None] * upper[:, k, k:]
+    return out.reshape(shape).to(weight.dtype)
 
 
 def refit_levels(weight: torch.Tensor, chosen: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer,
@@ -358,17 +386,47 @@ class QuantLayer(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("layer"), name)
 
-    def _gptq_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The layer's input as rows of its weight's columns (Linear, or Conv2d with groups 1), else None."""
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """F.unfold of a Conv2d's input as its forward pads it: [N, C * kh * kw, L]."""
+        layer = self.layer
+        padding = layer.padding
+        if getattr(layer, "same_pad", None) is not None:  # models.efficientnet_lite.Conv2dSame pads in forward
+            x, padding = F.pad(x, layer.same_pad), 0
+        elif padding == "valid":
+            padding = 0
+        elif padding == "same":  # stride 1 (PyTorch's rule): the extra pixel goes after
+            total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+            x = F.pad(x, [p for t in reversed(total) for p in (t // 2, t - t // 2)])
+            padding = 0
+        return F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
+
+    def _is_depthwise(self) -> bool:
+        layer = self.layer
+        return isinstance(layer, nn.Conv2d) and 1 < layer.groups == layer.in_channels == layer.out_channels
+
+    def _hessian(self, x: torch.Tensor) -> torch.Tensor | None:
+        """GPTQ's E[x x^T] over the weight's columns, for Linear and Conv2d with groups 1: [K, K]; for a depthwise
+        Conv2d, one [kh * kw, kh * kw] per channel (each channel is a layer of its own): [C, K, K]. Else None."""
         if isinstance(self.layer, nn.Linear):
-            return x.reshape(-1, x.shape[-1])
-        if isinstance(self.layer, nn.Conv2d) and self.layer.groups == 1:
+            rows = x.reshape(-1, x.shape[-1])
+        elif isinstance(self.layer, nn.Conv2d) and self.layer.groups == 1:
             layer = self.layer
-            if layer.kernel_size == (1, 1) and layer.stride == (1, 1):
-                return x.transpose(0, 1).reshape(x.shape[1], -1).t()
-            patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-            return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        return None
+            if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and getattr(layer, "same_pad", None) is None:
+                rows = x.transpose(0, 1).reshape(x.shape[1], -1).t()
+            else:
+                patches = self._patches(x)
+                rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        elif self._is_depthwise():
+            channels, taps = x.shape[1], self.layer.kernel_size[0] * self.layer.kernel_size[1]
+            hessian, count = 0.0, 0
+            for part in x.split(max(1, 2 ** 24 // (x[0].numel() * taps))):  # bounded memory for the patches
+                patches = self._patches(part).reshape(part.shape[0], channels, taps, -1)
+                hessian = hessian + torch.einsum("ncil,ncjl->cij", patches, patches)
+                count += part.shape[0] * patches.shape[-1]
+            return hessian / count
+        else:
+            return None
+        return rows.t() @ rows / rows.shape[0]
 
     def _observe_input(self, x: torch.Tensor) -> None:
         channel_dim = -1 if isinstance(self.layer, nn.Linear) else 1
@@ -378,9 +436,8 @@ class QuantLayer(nn.Module):
         self.input_moments = moments if self.input_moments is None else self.input_moments + moments
         self._moment_batches += 1
         if self.weight_quantizer.params.rounding == "gptq":
-            rows = self._gptq_rows(x)
-            if rows is not None:
-                hessian = rows.t() @ rows / rows.shape[0]
+            hessian = self._hessian(x)
+            if hessian is not None:
                 self.hessian = hessian if self.hessian is None else self.hessian + hessian
 
     def _per_weight(self, channel_values: torch.Tensor) -> torch.Tensor:
@@ -406,6 +463,11 @@ class QuantLayer(nn.Module):
         if nuq_fit:
             per_weight = self._per_weight(power)
             quantizer.fit_codebook(weight, per_weight.reshape(per_weight.shape + (1,) * (weight.dim() - 2)))
+        if self.hessian is not None and self.hessian.dim() == 3:
+            quantizer.fixed_scales = quantizer.scales(weight)
+            with torch.no_grad():
+                weight.copy_(gptq_depthwise(weight, self.hessian / self._moment_batches, quantizer))
+            self.hessian = None
         if self.hessian is not None:
             hessian = self.hessian / self._moment_batches
             quantizer.fixed_scales = quantizer.scales(weight)
