@@ -55,8 +55,8 @@ class ModelInfo:
     adds: set = field(default_factory=set)           # ids of tensors that an elementwise add consumes
 
 
-def _bounds_of(func, args, kwargs) -> tuple[float, float] | None:
-    """Output range guaranteed by a clamping activation, else None."""
+def clip_bounds(func, args, kwargs) -> tuple[float, float] | None:
+    """Output range guaranteed by a clamping activation (ReLU, ReLU6, hardtanh, clamp), else None."""
     name = getattr(func, "__name__", "")
     if name in ("relu", "relu_"):
         return (0.0, math.inf)
@@ -96,7 +96,7 @@ class _Recorder(TorchFunctionMode):
                         self.adds.add(id(t))
         if isinstance(out, torch.Tensor):
             self.keep.append(out)
-            bounds = _bounds_of(func, args, kwargs)
+            bounds = clip_bounds(func, args, kwargs)
             if bounds is not None:
                 self.bounds[id(out)] = bounds
             elif id(out) in self.bounds:  # ids are never reused here, so this is an in-place change

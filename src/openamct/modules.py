@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .config import LayerConfig
+from .graph import clip_bounds
 from .observers import OBSERVERS
 from . import nuq
 from .primitives import (FLT_EPSILON, act_qparams, channel_view, fake_quant, fake_quant_weight, qrange, quantize,
@@ -40,29 +41,6 @@ class Accumulator:
     axis: int
     low: float = -math.inf
     high: float = math.inf
-
-
-def _clip_bounds(func, args: tuple, kwargs: dict):
-    """(low, high) when `func(*args, **kwargs)` clips its first argument to constant bounds (ReLU, ReLU6, hardtanh,
-    clamp), else None."""
-    def arg(i, name, default):
-        value = args[i] if len(args) > i else kwargs.get(name, default)
-        return value if isinstance(value, (int, float)) or value is None else False
-
-    if func in (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_):
-        return 0.0, math.inf
-    if func is F.relu6:
-        return 0.0, 6.0
-    if func is F.hardtanh:
-        low, high = arg(1, "min_val", -1.0), arg(2, "max_val", 1.0)
-    elif func in (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_,
-                  torch.Tensor.clip_):
-        low, high = arg(1, "min", None), arg(2, "max", None)
-    else:
-        return None
-    if low is False or high is False:
-        return None
-    return -math.inf if low is None else float(low), math.inf if high is None else float(high)
 
 
 class QuantizedValues(TorchFunctionMode):
@@ -101,7 +79,7 @@ class QuantizedValues(TorchFunctionMode):
         source = self.accumulator(args[0]) if self.accumulators and args and isinstance(args[0], torch.Tensor) \
             else None
         if source is not None:
-            bounds = _clip_bounds(func, args, kwargs)
+            bounds = clip_bounds(func, args, kwargs)
             if bounds is not None and isinstance(out, torch.Tensor):
                 self.put_accumulator(out, replace(source, low=max(source.low, bounds[0]),
                                                   high=min(source.high, bounds[1])))
