@@ -37,7 +37,7 @@ import openamct as amct  # noqa: E402
 from openamct import retrain  # noqa: E402
 from openamct.config import LayerConfig, QuantConfig, WeightQuantParams, load_retrain_json  # noqa: E402
 from openamct.data import Accuracy, ImageLoader, LabelledImages  # noqa: E402
-from openamct.graph import inspect_model  # noqa: E402
+from openamct.graph import LAYER_GROUPS, inspect_model, layer_group  # noqa: E402
 from openamct.models import MODELS  # noqa: E402
 from openamct.parity import session  # noqa: E402
 
@@ -50,14 +50,7 @@ OVERRIDE_CFG = ('override_layer_configs {{ layer_name: "{name}" '
 
 
 def int8_layers(model, groups: list[str]) -> list[str]:
-    """The layers of `groups`: "first" (the stem conv, the first quantized layer), "depthwise" (every depthwise
-    conv)."""
-    layers = list(inspect_model(model, torch.zeros(1, 3, 224, 224)).layers)
-    chosen = [layers[0]] if "first" in groups else []
-    if "depthwise" in groups:
-        chosen += [name for name in layers if getattr(m := model.get_submodule(name), "groups", 1) > 1
-                   and m.groups == m.in_channels]
-    return chosen
+    return [name for group in groups for name in layer_group(model, group, torch.zeros(1, 3, 224, 224))]
 
 
 def weight_bits(model, bits: int, groups: list[str]) -> dict:
@@ -211,8 +204,8 @@ def main() -> None:
                         "(the stem conv), depthwise; a retrain.cfg override_layer_configs entry per layer")
     args = parser.parse_args()
     args.int8 = [g for g in args.int8.split(",") if g]
-    if set(args.int8) - {"first", "depthwise"}:
-        parser.error(f"--int8: unknown layer groups {sorted(set(args.int8) - {'first', 'depthwise'})}")
+    if set(args.int8) - set(LAYER_GROUPS):
+        parser.error(f"--int8: unknown layer groups {sorted(set(args.int8) - set(LAYER_GROUPS))}")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")

@@ -323,13 +323,16 @@ def test_retrain_trains_exports_and_reports(tiny_file, in_tmp, capsys):
     """`openamct retrain` on the tiny CNN: INT4 weights, 3 steps on 8 images, evaluation on the other 4."""
     code, out, err = _run(["retrain", "--model-file", f"{tiny_file}:build", "--images", IMAGES, "--labels", SYNSETS,
                            "--train", 8, "--eval", 4, "--batch-size", 4, "--steps", 3, "--weight-bits", 4,
-                           "--batch-num", 1, "--workers", 0, *THREADS], capsys)
+                           "--int8-layers", "first,depthwise", "--batch-num", 1, "--workers", 0, *THREADS], capsys)
     assert code == 0, err
     output = in_tmp / "outputs" / "build_retrain"
     report = json.loads((output / "retrain_report.json").read_text())
     assert report["train_images"] == 8 and report["eval_images"] == 4 and len(report["losses"]) == 3
     assert all(result["ok"] for result in report["parity"].values())
     assert "ulq_retrain { dst_type: INT4 }" in (output / "tmp" / "retrain.cfg").read_text()
+    layers = json.loads((output / "tmp" / "config.json").read_text())
+    bits = {name: layers[name]["retrain_weight_config"]["dst_type"] for name in ("conv1", "dw", "pw", "fc")}
+    assert bits == {"conv1": "INT8", "dw": "INT8", "pw": "INT4", "fc": "INT4"}  # --int8-layers first,depthwise
     for name in ("build_deploy_model.onnx", "build_fake_quant_model.onnx", "tmp/config.json", "tmp/checkpoint.pth"):
         assert (output / name).exists(), name
     assert 'key: "fc"' in (output / "tmp" / "record.txt").read_text()
@@ -341,6 +344,8 @@ def test_retrain_bad_inputs(tiny_file, in_tmp, capsys):
     base = ["retrain", "--model-file", f"{tiny_file}:build", "--images", IMAGES, "--labels", SYNSETS, *THREADS]
     code, _, err = _run(base + ["--train", 800], capsys)
     _assert_one_line_error(code, err, "--train 800", "has 800 images")
+    code, _, err = _run(base + ["--int8-layers", "stem"], capsys)
+    _assert_one_line_error(code, err, "--int8-layers", "unknown layer groups ['stem']")
     code, _, err = _run(base + ["--config", "missing.cfg"], capsys)
     _assert_one_line_error(code, err, "--config: file not found: missing.cfg")
     Path("bad.cfg").write_text("batch_num: 1\nretrain_weight_quant_config { arq_retrain { dst_type: INT16 } }\n")

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .graph import LAYER_GROUPS, layer_group
+
 EXIT_USAGE = 2
 LAYER_ERROR_IMAGES = 4  # images of the first calibration batch the per-layer SQNR is measured on
 PREPROCESSING = ("imagenet", "efficientnet_lite0", "resnet101")
@@ -47,6 +49,14 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
+
+
+def _layer_groups(text: str) -> list[str]:
+    groups = [g for g in text.split(",") if g]
+    unknown = sorted(set(groups) - set(LAYER_GROUPS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown layer groups {unknown}: choose from {', '.join(LAYER_GROUPS)}")
+    return groups
 
 
 def _non_negative(text: str) -> int:
@@ -217,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="AMCT QAT simple config (protobuf text of retrain_config_pytorch.proto)")
     train.add_argument("--weight-bits", type=int, choices=(4, 8), default=8,
                        help="without --config: INT8 weights (arq_retrain) or INT4 (ulq_retrain); default 8")
+    train.add_argument("--int8-layers", type=_layer_groups, default=[], metavar="GROUPS",
+                       help="without --config, with --weight-bits 4: comma list of layer groups whose weights stay "
+                            f"INT8 ({', '.join(LAYER_GROUPS)}: the stem conv, the depthwise convs)")
     train.add_argument("--batch-num", type=_positive, default=2, metavar="N",
                        help="without --config: batches that initialise the activation ranges (IFMR); default 2")
     train.add_argument("--init", choices=("ptq", "ifmr"), default="ptq",
@@ -606,6 +619,8 @@ def run_evaluate(args) -> int:
 
 RETRAIN_CFG = ("batch_num: {batch_num}\n"
                "retrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }}\n")
+INT8_OVERRIDE = ('override_layer_configs {{ layer_name: "{name}" '
+                 'retrain_weight_quant_config {{ arq_retrain {{ dst_type: INT8 }} }} }}\n')
 
 
 def _distributed(device: torch.device) -> tuple[int, int]:
@@ -658,7 +673,10 @@ def run_retrain(args) -> int:
     if rank == 0:
         if not args.config:
             algo = "arq_retrain" if args.weight_bits == 8 else "ulq_retrain"
-            write_text(str(cfg), RETRAIN_CFG.format(batch_num=args.batch_num, algo=algo, bits=args.weight_bits))
+            text = RETRAIN_CFG.format(batch_num=args.batch_num, algo=algo, bits=args.weight_bits)
+            for group in args.int8_layers if args.weight_bits < 8 else ():
+                text += "".join(INT8_OVERRIDE.format(name=name) for name in layer_group(model, group, input_data))
+            write_text(str(cfg), text)
         amct.create_quant_retrain_config(str(config_file), model, input_data, args.config or str(cfg))
         if args.config:
             write_text(str(cfg), Path(args.config).read_text())

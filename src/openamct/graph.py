@@ -219,3 +219,19 @@ def fold_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> bool:
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+LAYER_GROUPS = ("first", "depthwise")
+
+
+def layer_group(model: nn.Module, group: str, input_data) -> list[str]:
+    """The quantizable layers of a named group: "first" (the first the input reaches, e.g. the stem conv) or
+    "depthwise" (Conv2d with one input channel per group). Low-bit schemes keep these at 8 bits: they hold few
+    weights and lose the most."""
+    if group not in LAYER_GROUPS:
+        raise ValueError(f"unknown layer group '{group}': choose from {', '.join(LAYER_GROUPS)}")
+    layers = list(inspect_model(model, input_data).layers)
+    if group == "first":
+        return layers[:1]
+    modules = dict(model.named_modules())
+    return [name for name in layers if isinstance(m := modules[name], nn.Conv2d) and 1 < m.groups == m.in_channels]
