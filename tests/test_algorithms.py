@@ -197,4 +197,26 @@ def test_gptq_output_error_below_nearest_rounding(layer):
             wq = quantized.weight_quantizer(quantized.layer.weight)
             out = torch.func.functional_call(layer, {"weight": wq}, (x,))
             errors[rounding] = float(((out - layer(x)) ** 2).mean())
+        # the ARQ scale recomputed from the chosen weights is the one used (QAT's arq_retrain starts from them)
+        torch.testing.assert_close(weight_scales(quantized.layer.weight, 4, True, quantized.axis),
+                                   quantized.weight_quantizer.scales(quantized.layer.weight), rtol=1e-6, atol=0)
     assert errors["gptq"] < 0.8 * errors["nearest"], errors
+
+
+def test_gptq_keeps_the_weights_that_set_the_scale():
+    """The largest weight of each channel sits on an input that is always 0 in the calibration data: GPTQ keeps it
+    (zeroing it, as the GPTQ paper does for dead inputs, would change the ARQ scale recomputed from the weights
+    and drop a weight other data may need)."""
+    import openamct
+    from openamct.config import LayerConfig, QuantConfig, WeightQuantParams
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        layer.weight[:, 3] = 2.0
+    x = torch.randn(64, 16)
+    x[:, 3] = 0.0
+    config = QuantConfig(layers={"0": LayerConfig(weight=WeightQuantParams(rounding="gptq"))}, batch_num=1)
+    quantized = openamct.quantize(torch.nn.Sequential(layer).eval(), config, lambda m: [m(x)], x[:1])[0]
+    weight = quantized.layer.weight.detach()
+    torch.testing.assert_close(weight[:, 3], torch.full((8,), 2.0))
+    torch.testing.assert_close(weight_scales(weight), quantized.weight_quantizer.scales(weight), rtol=1e-6, atol=0)

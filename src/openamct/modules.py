@@ -245,12 +245,21 @@ def _column_quantizer(weight: torch.Tensor, quantizer: WeightQuantizer, device):
 
 
 def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """hessian (float64, [..., K, K]) with dead inputs made harmless and damp * mean diagonal added."""
+    """hessian (float64, [..., K, K]) with damp * mean diagonal added, and 1 on the diagonal of inputs that were
+    always 0: their weights are then rounded to nearest and kept (not zeroed: other data may reach them)."""
     h = hessian.double().clone()
     diagonal = torch.diagonal(h, dim1=-2, dim2=-1)
     diagonal[diagonal == 0] = 1.0
     diagonal += damp * diagonal.mean(-1, keepdim=True)
     return h
+
+
+def _extremes(w: torch.Tensor, channel_wise: bool) -> torch.Tensor:
+    """Mask of the weights that set the ARQ scale (largest magnitude per row, or in the tensor). GPTQ leaves them
+    as they are, so the scale recomputed from its weights is the one it used: QAT's arq_retrain, which recomputes
+    the range at every step, then starts from exactly the PTQ model."""
+    magnitude = w.abs()
+    return magnitude == (magnitude.amax(1, keepdim=True) if channel_wise else magnitude.max())
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, block: int = 128,
@@ -260,10 +269,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer
     the calibration data, not the weight error, is what is minimised. Returns dequantized weights."""
     shape = weight.shape
     w = weight.detach().double().reshape(shape[0], -1).clone()
-    w[:, torch.diag(hessian) == 0] = 0.0
     h = _damped(hessian.to(w.device), damp)
     order = torch.argsort(torch.diag(h), descending=True)  # the columns that matter most go first
     w, h = w[:, order], h[order][:, order]
+    kept, original = _extremes(w, quantizer.params.channel_wise), w.clone()
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     quantize_column = _column_quantizer(weight, quantizer, w.device)
     out = torch.zeros_like(w)
@@ -275,8 +284,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer
             out[:, start + k] = q
             error = (w1[:, k] - q) / upper[start + k, start + k]
             w1[:, k:] -= error[:, None] * upper[start + k, start:end][None, k:]
+            w1 = torch.where(kept[:, start:end], original[:, start:end], w1)
             errors[:, k] = error
         w[:, end:] -= errors @ upper[start:end, end:]
+        w = torch.where(kept, original, w)
     return out[:, torch.argsort(order)].reshape(shape).to(weight.dtype)
 
 
@@ -286,15 +297,16 @@ def gptq_depthwise(weight: torch.Tensor, hessians: torch.Tensor, quantizer: Weig
     input channel's patches, so every channel has its own Hessian ([C, K, K]) and all channels run as a batch."""
     shape = weight.shape
     w = weight.detach().double().reshape(shape[0], -1).clone()
-    w[torch.diagonal(hessians, dim1=-2, dim2=-1) == 0] = 0.0
     h = _damped(hessians.to(w.device), damp)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     quantize_column = _column_quantizer(weight, quantizer, w.device)
+    kept, original = _extremes(w, quantizer.params.channel_wise), w.clone()
     out = torch.zeros_like(w)
     for k in range(w.shape[1]):
         out[:, k] = quantize_column(w[:, k])
         error = (w[:, k] - out[:, k]) / upper[:, k, k]
         w[:, k:] -= error[:, None] * upper[:, k, k:]
+        w = torch.where(kept, original, w)
     return out.reshape(shape).to(weight.dtype)
 
 
