@@ -218,7 +218,7 @@ def _quant_nodes(tensor: str, tag: str, scale: float, offset: int, num_bits: int
     Deploy: QuantizeLinear/DequantizeLinear with uint8 codes (AMCT's int8 code + 128: the same numbers, and the
     kernels x86 runs fastest). Fake-quant: AMCT's Div/Round/Add/Clip/Sub chain, then Mul back to float; where
     `requantize` = (accumulator tensor, grid) names the integer accumulator `tensor` was computed from, the chain
-    starts from it with one Mul by grid / scale instead of the Div, as the simulation (modules.ActQuantizer) does.
+    starts from it with one Mul by grid / scale instead of the Div, as the simulation (modules.requantize) does.
     """
     qmin, qmax = qrange(num_bits)
     s = const(f"{tag}.scale", np.float32(scale))
@@ -338,7 +338,7 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
     for tensor, (tag, scale, offset, bits) in tensors.items():
         requantize = None
         source = None if deploy else _clipped_source(tensor, producers, values, accumulators)
-        if source is not None:  # the quantizer's range must imply the clipping, as in ActQuantizer.fake_quant
+        if source is not None:  # the quantizer's range must imply the clipping, as in modules.requantize
             acc, grid, low, high = source
             qmin, qmax = qrange(bits)
             scale32 = np.float32(scale)
