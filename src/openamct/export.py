@@ -23,7 +23,7 @@ from onnx.reference import ReferenceEvaluator
 from . import nuq
 from .fileio import write_bytes
 from .modules import QuantLayer
-from .primitives import FLT_EPSILON, qrange
+from .primitives import qrange, range_implies_clip
 
 META_KEY = "openamct.layers"
 OPSET = 17
@@ -243,18 +243,18 @@ def _quant_nodes(tensor: str, tag: str, scale: float, offset: int, num_bits: int
     return chain
 
 
-def _clipped_source(tensor: str, producers: dict, values: dict, accumulators: dict):
+def _clipped_source(tensor: str, producers: dict, inits: dict, accumulators: dict):
     """(accumulator, grid, low, high) when `tensor` is a quantized layer's output passed through Relu/Clip nodes
-    with constant bounds only, else None: the pattern the simulation requantizes in one step."""
+    with constant bounds (initializers) only, else None: the pattern the simulation requantizes in one step."""
     low, high = -np.inf, np.inf
     node = producers.get(tensor)
     while node is not None and node.op_type in ("Relu", "Clip"):
         bounds = [0.0, np.inf] if node.op_type == "Relu" else [-np.inf, np.inf]
         for i, name in ((1, "min"), (2, "max")):
             if node.op_type == "Clip" and len(node.input) > i and node.input[i]:
-                if node.input[i] not in values:
+                if node.input[i] not in inits:
                     return None
-                bounds[i - 1] = float(values[node.input[i]])
+                bounds[i - 1] = float(numpy_helper.to_array(inits[node.input[i]]))
         low, high = max(low, bounds[0]), min(high, bounds[1])
         node = producers.get(node.input[0])
     if node is None or node.output[0] not in accumulators:
@@ -334,17 +334,12 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
             accumulators[output] = (f"{layer}.acc", grid.reshape(shape))
 
     producers = {o: n for n in list(graph.node) + added_nodes for o in n.output}
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for tensor, (tag, scale, offset, bits) in tensors.items():
         requantize = None
-        source = None if deploy else _clipped_source(tensor, producers, values, accumulators)
-        if source is not None:  # the quantizer's range must imply the clipping, as in modules.requantize
-            acc, grid, low, high = source
-            qmin, qmax = qrange(bits)
-            scale32 = np.float32(scale)
-            if low - float(scale32 * np.float32(qmin - offset)) <= FLT_EPSILON and \
-                    float(scale32 * np.float32(qmax - offset)) - high <= FLT_EPSILON:
-                requantize = (acc, grid)
+        source = None if deploy else _clipped_source(tensor, producers, inits, accumulators)
+        # the quantizer's range must imply the clipping, as in modules.requantize
+        if source is not None and range_implies_clip(scale, offset, bits, source[2], source[3]):
+            requantize = source[:2]
         for node in graph.node:
             node.input[:] = [f"{tag}.dq" if name == tensor else name for name in node.input]
             if node.name in integer_inputs and node.input[0] == f"{tag}.dq":

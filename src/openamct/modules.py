@@ -28,8 +28,8 @@ from .config import LayerConfig
 from .graph import clip_bounds
 from .observers import OBSERVERS
 from . import nuq
-from .primitives import (FLT_EPSILON, act_qparams, channel_view, fake_quant, fake_quant_weight, qrange, quantize,
-                         quantize_bias, round_ste, weight_scales)
+from .primitives import (act_qparams, channel_view, fake_quant, fake_quant_weight, qrange, quantize, quantize_bias,
+                         range_implies_clip, round_ste, weight_scales)
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,10 @@ def shared_quantized(x: torch.Tensor, quantize_fn) -> torch.Tensor:
 def requantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_bits: int) -> torch.Tensor:
     """fake_quant(x): from x's accumulator in one rounding where x is a quantized layer's output clipped by nothing
     that this range does not imply (so that a runtime drops the clip and requantizes as here)."""
-    qmin, qmax = qrange(num_bits)
     source = _ACTIVE[-1].accumulator(x) if _ACTIVE else None
-    low, high = float(scale * (qmin - offset)), float(scale * (qmax - offset))
-    if source is None or source.low - low > FLT_EPSILON or high - source.high > FLT_EPSILON:
+    if source is None or not range_implies_clip(scale, offset, num_bits, source.low, source.high):
         return fake_quant(x, scale, offset, num_bits)
+    qmin, qmax = qrange(num_bits)
     multiplier = (source.grid / scale).to(source.acc)
     if multiplier.numel() > 1:
         multiplier = channel_view(multiplier, source.acc.dim(), source.axis)

@@ -12,6 +12,15 @@ def qrange(num_bits: int) -> tuple[int, int]:
     return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
 
 
+def range_implies_clip(scale, offset, num_bits: int, low: float, high: float) -> bool:
+    """Whether quantizing with (scale, offset) already clips to [low, high], so that a clip before it changes
+    nothing: ONNX Runtime's test (ClipQuantFusion) for dropping the clip and requantizing the accumulator."""
+    qmin, qmax = qrange(num_bits)
+    scale = torch.tensor(float(scale), dtype=torch.float32)
+    return low - float(scale * float(qmin - offset)) <= FLT_EPSILON and \
+        float(scale * float(qmax - offset)) - high <= FLT_EPSILON
+
+
 def act_qparams(clip_min: float, clip_max: float, num_bits: int = 8, asymmetric: bool = True) -> tuple[float, int]:
     """Scale and offset for an activation range.
 
