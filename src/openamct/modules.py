@@ -316,15 +316,16 @@ def refit_levels(weight: torch.Tensor, chosen: torch.Tensor, hessian: torch.Tens
     et al. 2024). Sets the quantizer's levels and returns the weights on them."""
     shape, num_steps = weight.shape, quantizer.params.num_steps
     w = weight.detach().double().reshape(shape[0], -1)
-    h = hessian.double()
-    h = h + damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    scale = quantizer.scales(weight).double().reshape(-1, 1).expand_as(w)
-    books = torch.from_numpy(np.atleast_2d(quantizer.levels)).double()  # [1 or out_channels, num_steps]
+    device = w.device
+    h = hessian.double().to(device)
+    h = h + damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=device)
+    scale = quantizer.scales(weight).double().to(device).reshape(-1, 1).expand_as(w)
+    books = torch.from_numpy(np.atleast_2d(quantizer.levels)).double().to(device)  # [1 or out_channels, steps]
     codes = torch.round(chosen.detach().double().reshape(w.shape) / scale)
     index = torch.argmin((codes[:, :, None] - books[:, None, :]).abs(), dim=2)  # [out, cols]
     # normal equations a c = b over a few output channels at a time, in float32 (the levels are rounded anyway)
-    a = torch.zeros(books.shape[0], num_steps, num_steps, dtype=torch.float64)
-    b = torch.zeros(books.shape[0], num_steps, dtype=torch.float64)
+    a = torch.zeros(books.shape[0], num_steps, num_steps, dtype=torch.float64, device=device)
+    b = torch.zeros(books.shape[0], num_steps, dtype=torch.float64, device=device)
     h32, step = h.float(), max(1, 2 ** 22 // (num_steps * w.shape[1]))
     for start in range(0, w.shape[0], step):
         rows = slice(start, start + step)
@@ -336,12 +337,13 @@ def refit_levels(weight: torch.Tensor, chosen: torch.Tensor, hessian: torch.Tens
         else:
             a[rows] = torch.einsum("loj,moj->olm", parts_h, parts).double()
             b[rows] = torch.einsum("loj,oj->ol", parts_h, w[rows].float()).double()
-    ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)[:, None, None] * torch.eye(num_steps)
+    ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)[:, None, None] * torch.eye(num_steps, device=device)
     levels = torch.linalg.solve(a + ridge, (b + ridge[:, 0, 0, None] * books)[..., None])[..., 0]
     levels = torch.clamp(torch.round(levels), *qrange(quantizer.params.num_bits))
-    rows = torch.arange(w.shape[0])[:, None] if books.shape[0] > 1 else torch.zeros(w.shape[0], 1, dtype=torch.long)
+    rows = torch.arange(w.shape[0], device=device)[:, None] if books.shape[0] > 1 else \
+        torch.zeros(w.shape[0], 1, dtype=torch.long, device=device)
     new = levels[rows, index] * scale
-    levels = np.sort(levels.to(torch.int32).numpy(), axis=1)
+    levels = np.sort(levels.to(torch.int32).cpu().numpy(), axis=1)
     quantizer.levels = levels if books.shape[0] > 1 else levels[0]
     quantizer._table = torch.from_numpy(nuq.snap_table(quantizer.levels)).float()
     return new.reshape(shape).to(weight.dtype)
@@ -461,7 +463,8 @@ class QuantLayer(nn.Module):
             hessian = self.hessian / self._moment_batches
             quantizer.fixed_scales = quantizer.scales(weight)
             rounds = quantizer.params.num_of_iteration if nuq_fit else 0
-            damped = hessian.double() + 0.01 * torch.diag(hessian).double().mean() * torch.eye(hessian.shape[0])
+            eye = torch.eye(hessian.shape[0], dtype=torch.float64, device=hessian.device)
+            damped = hessian.double() + 0.01 * torch.diag(hessian).double().mean() * eye
             best = None
 
             def keep(chosen):

@@ -59,7 +59,7 @@ def weight_scales(weight: torch.Tensor, num_bits: int = 8, channel_wise: bool = 
     wmax, wmin = w.amax(dim=1).clamp(min=0), w.amin(dim=1).clamp(max=0)
     negative_larger = (-wmin) > wmax
     bound = torch.maximum(wmax, -wmin)
-    scale = bound / torch.where(negative_larger, torch.tensor(float(-qmin)), torch.tensor(float(qmax)))
+    scale = bound / torch.where(negative_larger, float(-qmin), float(qmax))
     return torch.where(scale < FLT_EPSILON, torch.ones_like(scale), scale)
 
 
