@@ -16,6 +16,7 @@ import openamct as amct
 from openamct import retrain
 from openamct.config import ActQuantParams, ConfigError, RetrainDataParams, load_retrain_json
 from openamct.observers import IFMRObserver
+from openamct.primitives import act_qparams
 from openamct.record import read_record
 from tiny_models import ConvNet, convnet
 
@@ -241,3 +242,20 @@ def test_start_from_a_calibrated_model(tmp_path):
                                    load_retrain_json("c.json"), lambda m: m(x), x).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x), calibrated(x), atol=1e-5, rtol=1e-5)
+
+
+def test_learned_range_stays_within_what_the_producer_outputs(tmp_path):
+    """A ReLU6-fed range learned a rounding error above 6 quantizes as 0..6: codes above 6 are never used, and the
+    deployed Q then implies the Clip before it (ORT 1.30 fails to load such a QDQ model where it does not)."""
+    qmodel, _, example = qat_flow(tmp_path)
+    quantizer = qmodel.dw.input_quantizer
+    assert quantizer.bounds == (0.0, 6.0)
+    with torch.no_grad():
+        quantizer.clip_max.fill_(6.0 + 1e-5)
+    qmodel.eval()
+    with torch.no_grad():
+        qmodel(example)
+    assert (float(quantizer.scale), int(quantizer.offset)) == act_qparams(0.0, 6.0, 8, True)
+    report = amct.save_quant_retrain_model("tmp/config.json", qmodel, "tmp/record.txt", "out/tiny", example)
+    assert all(result["ok"] for result in report["parity"].values()), report["parity"]
+    assert read_record("tmp/record.txt")["dw"].scale_d == pytest.approx(6.0 / 255, rel=1e-7)

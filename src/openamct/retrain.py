@@ -64,9 +64,11 @@ class ULQActQuantizer(nn.Module):
         return bool(self.initialized) and not self.training
 
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The learned range, guarded so that it never collapses or changes sign."""
-        clip_max = self.clip_max.clamp(min=1e-4)
-        clip_min = torch.zeros_like(clip_max) if self.fixed_min else self.clip_min.clamp(max=0.0)
+        """The learned range, guarded so that it never collapses or changes sign, and within the range its
+        producer guarantees (ReLU6: 0..6): codes beyond it are never used, and a range a rounding error above 6
+        keeps the Clip in the deployed graph (ORT 1.30 then fails to load the model: two nodes named alike)."""
+        clip_max = self.clip_max.clamp(min=1e-4, max=max(self.bounds[1], 1e-4))
+        clip_min = torch.zeros_like(clip_max) if self.fixed_min else self.clip_min.clamp(min=self.bounds[0], max=0.0)
         return clip_min, clip_max
 
     def forward(self, x):
