@@ -6,7 +6,9 @@ For each weight bit width it reports top-1/top-5 on the 200 held-out images and 
   calibrated on the first 256 training images;
 - QAT through the AMCT calls (create_quant_retrain_config/model, training, save_quant_retrain_model), with the
   exported deploy ONNX model evaluated in ONNX Runtime.
-``--world-size 2`` trains with DistributedDataParallel over 2 CPU processes (gloo), each with half the batch.
+``--world-size 2`` trains with DistributedDataParallel over 2 processes (gloo on CPU, nccl on GPUs, one GPU each),
+each with half the batch. ``--device cuda`` runs calibration, training and the PyTorch evaluations on the GPU.
+``--eval-every N`` evaluates the QAT model on the held-out images every N steps (the learning curve).
 ``--int8 first,depthwise`` keeps the stem conv and the depthwise convs (4 % of EfficientNet-Lite0's weights, and
 most of its 4-bit loss) at 8 bits, through one retrain.cfg ``override_layer_configs`` entry per layer, in PTQ and
 QAT alike.
@@ -49,14 +51,18 @@ OVERRIDE_CFG = ('override_layer_configs {{ layer_name: "{name}" '
                 'retrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }} }}\n')
 
 
+def example(model) -> torch.Tensor:
+    return torch.zeros(1, 3, 224, 224, device=next(model.parameters()).device)
+
+
 def int8_layers(model, groups: list[str]) -> list[str]:
-    return [name for group in groups for name in layer_group(model, group, torch.zeros(1, 3, 224, 224))]
+    return [name for group in groups for name in layer_group(model, group, example(model))]
 
 
 def weight_bits(model, bits: int, groups: list[str]) -> dict:
     """Layer name -> weight bits: `bits`, except the layers of `groups` (see int8_layers) at 8."""
     keep = set(int8_layers(model, groups))
-    return {name: 8 if name in keep else bits for name in inspect_model(model, torch.zeros(1, 3, 224, 224)).layers}
+    return {name: 8 if name in keep else bits for name in inspect_model(model, example(model)).layers}
 
 
 def label(bits: int, groups: list[str]) -> str:
@@ -74,8 +80,10 @@ def tensors(images: LabelledImages) -> tuple[torch.Tensor, np.ndarray]:
 
 def logits_of(model, images: torch.Tensor, batch: int = 50) -> np.ndarray:
     if isinstance(model, torch.nn.Module):
+        device = next(model.parameters()).device
         with torch.no_grad():
-            return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)]).numpy()
+            return torch.cat([model(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)]
+                             ).numpy()
     return np.concatenate([model.run(None, {"input": images[i:i + batch].numpy()})[0]
                            for i in range(0, len(images), batch)])
 
@@ -95,6 +103,7 @@ def ptq(model, bits: dict, rounding: str, calib: torch.Tensor, batch_num: int) -
         num_bits=b, rounding=rounding, bias_correction=rounding == "gptq")) for name, b in bits.items()},
         batch_num=batch_num)
     size = len(calib) // batch_num
+    calib = calib.to(next(model.parameters()).device)
     start = time.perf_counter()
     qmodel = amct.quantize(model, config, lambda m: [m(calib[i * size:(i + 1) * size]) for i in range(batch_num)],
                            calib[:1])
@@ -103,15 +112,17 @@ def ptq(model, bits: dict, rounding: str, calib: torch.Tensor, batch_num: int) -
 
 def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> None:
     """One training process: the AMCT QAT flow; rank 0 evaluates, exports and writes result.json."""
+    device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(max(1, args.threads // world))
     torch.manual_seed(args.seed)
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")
     spec = MODELS[MODEL]
-    model = spec.build(None)
+    model = spec.build(None).to(device)
     images = dataset(args)
-    dummy = torch.randn(1, 3, 224, 224)
+    dummy = torch.randn(1, 3, 224, 224).to(device)
     cfg = os.path.join(work, "retrain.cfg")
     config, record = os.path.join(work, "config.json"), os.path.join(work, "record.txt")
     if rank == 0:
@@ -127,10 +138,11 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
     qmodel = amct.create_quant_retrain_model(config, model, record, dummy)
     if args.init == "ptq":  # refine the PTQ (GPTQ + bias correction) solution
         calib, _ = tensors(images.subset(0, 32 * args.calib_batches))
-        size = len(calib) // args.calib_batches
+        calib, size = calib.to(device), len(calib) // args.calib_batches
         retrain.start_from_ptq(qmodel, model, load_retrain_json(config), lambda m: [
             m(calib[i * size:(i + 1) * size]) for i in range(args.calib_batches)], dummy, args.calib_batches)
-    trained = torch.nn.parallel.DistributedDataParallel(qmodel) if world > 1 else qmodel
+    ids = [device.index] if device.type == "cuda" else None
+    trained = torch.nn.parallel.DistributedDataParallel(qmodel, device_ids=ids) if world > 1 else qmodel
     train_set = images.subset(0, args.train, spec.preprocess.augment(scale=(0.25, 1.0)))
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
     loader = ImageLoader(train_set, args.batch_size // world, workers=args.workers, shuffle=True, sampler=sampler,
@@ -143,10 +155,21 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
         groups = groups[1:]
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-    start = time.perf_counter()
-    losses = retrain.train(trained, loader, args.steps, optimizer, scheduler=scheduler, teacher=model,
-                           kd_weight=args.kd_weight, temperature=args.temperature)
-    train_time = time.perf_counter() - start
+    evaluation, labels = tensors(images.subset(args.train))
+    losses, curve, train_time = [], [], 0.0
+    chunk = args.eval_every or args.steps
+    for done in range(0, args.steps, chunk):  # one scheduler and optimizer: chunks continue the same run
+        start = time.perf_counter()
+        losses += retrain.train(trained, loader, min(chunk, args.steps - done), optimizer, scheduler=scheduler,
+                                teacher=model, kd_weight=args.kd_weight, temperature=args.temperature,
+                                device=device)
+        train_time += time.perf_counter() - start
+        if args.eval_every and rank == 0:
+            qmodel.eval()
+            top1 = scores(logits_of(qmodel, evaluation), labels, None)["top1"]
+            curve.append((len(losses), top1))
+            print(f"W{bits} step {len(losses)}: held-out top-1 {top1:.2f} %, loss {np.mean(losses[-chunk:]):.4f}, "
+                  f"train {train_time:.0f} s", flush=True)
     quant_state = torch.cat([p.detach().reshape(-1) for n, p in qmodel.named_parameters()
                              if n.rsplit(".", 1)[-1] in ("clip_max", "clip_min", "log_scale")])
     spread = 0.0
@@ -156,11 +179,10 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
         spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
     if rank == 0:
         qmodel.eval()
-        evaluation, labels = tensors(images.subset(args.train))
         sim = logits_of(qmodel, evaluation)
         report = amct.save_quant_retrain_model(config, qmodel, record, os.path.join(work, "qat"), dummy, **IO)
         deploy = logits_of(session(report["paths"]["deploy"], args.threads), evaluation)
-        result = {"train_s": train_time, "losses": losses, "rank_spread": spread, "sim": sim.tolist(),
+        result = {"train_s": train_time, "losses": losses, "curve": curve, "rank_spread": spread, "sim": sim.tolist(),
                   "deploy": deploy.tolist(), "parity": report["parity"]}
         Path(work, "result.json").write_text(json.dumps(result))
     if world > 1:
@@ -196,6 +218,9 @@ def main() -> None:
     parser.add_argument("--init", choices=("ifmr", "ptq"), default="ptq",
                         help="QAT starts from the float weights with IFMR ranges, or from the PTQ (GPTQ) model")
     parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
+                        help="evaluate the QAT model on the held-out images every N steps (0: at the end only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -212,7 +237,7 @@ def main() -> None:
 
     images = dataset(args)
     evaluation, labels = tensors(images.subset(args.train))
-    model = MODELS[MODEL].build(None)
+    model = MODELS[MODEL].build(None).to(args.device)
     fp32 = logits_of(model, evaluation)
     rows = [("FP32", scores(fp32, labels, None), "")]
     for bits in [int(b) for b in args.bits.split(",")]:
