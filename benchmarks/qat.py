@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over --world-size)")
     parser.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights (0: frozen)")
-    parser.add_argument("--quant-lr", type=float, default=1e-3, help="Adam learning rate of clips and scales")
+    parser.add_argument("--quant-lr", type=float, default=1e-4, help="Adam learning rate of clips and scales")
     parser.add_argument("--kd-weight", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--init-batches", type=int, default=2, help="batch_num: batches of IFMR initialisation")

@@ -237,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--batch-size training images (default), or from the float weights with IFMR ranges")
     train.add_argument("--steps", type=_positive, default=60, metavar="N", help="training steps (default 60)")
     train.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights (default 5e-5)")
-    train.add_argument("--quant-lr", type=float, default=1e-3,
-                       help="Adam learning rate of the quantizers' ranges and scales (default 1e-3)")
+    train.add_argument("--quant-lr", type=float, default=1e-4,
+                       help="Adam learning rate of the quantizers' ranges and scales (default 1e-4; 1e-3 moves "
+                            "4-bit weight scales too far)")
     train.add_argument("--kd-weight", type=float, default=1.0,
                        help="weight of distillation from the FP32 model against the labels' cross-entropy: 1 = "
                             "distillation only (default), 0 = labels only")
