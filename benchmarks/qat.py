@@ -39,7 +39,7 @@ import openamct as amct  # noqa: E402
 from openamct import retrain  # noqa: E402
 from openamct.config import LayerConfig, QuantConfig, WeightQuantParams, load_retrain_json  # noqa: E402
 from openamct.data import Accuracy, ImageLoader, LabelledImages  # noqa: E402
-from openamct.graph import LAYER_GROUPS, inspect_model, layer_group  # noqa: E402
+from openamct.graph import LAYER_GROUPS, inspect_model, layer_groups  # noqa: E402
 from openamct.models import MODELS  # noqa: E402
 from openamct.parity import session  # noqa: E402
 
@@ -56,7 +56,7 @@ def example(model) -> torch.Tensor:
 
 
 def int8_layers(model, groups: list[str]) -> list[str]:
-    return [name for group in groups for name in layer_group(model, group, example(model))]
+    return layer_groups(model, groups, example(model)) if groups else []
 
 
 def weight_bits(model, bits: int, groups: list[str]) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .graph import LAYER_GROUPS, layer_group
+from .graph import LAYER_GROUPS, layer_groups
 
 EXIT_USAGE = 2
 LAYER_ERROR_IMAGES = 4  # images of the first calibration batch the per-layer SQNR is measured on
@@ -675,8 +675,9 @@ def run_retrain(args) -> int:
         if not args.config:
             algo = "arq_retrain" if args.weight_bits == 8 else "ulq_retrain"
             text = RETRAIN_CFG.format(batch_num=args.batch_num, algo=algo, bits=args.weight_bits)
-            for group in args.int8_layers if args.weight_bits < 8 else ():
-                text += "".join(INT8_OVERRIDE.format(name=name) for name in layer_group(model, group, input_data))
+            if args.weight_bits < 8:
+                text += "".join(INT8_OVERRIDE.format(name=name)
+                                for name in layer_groups(model, args.int8_layers, input_data))
             write_text(str(cfg), text)
         amct.create_quant_retrain_config(str(config_file), model, input_data, args.config or str(cfg))
         if args.config:

@@ -224,14 +224,15 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 LAYER_GROUPS = ("first", "depthwise")
 
 
-def layer_group(model: nn.Module, group: str, input_data) -> list[str]:
-    """The quantizable layers of a named group: "first" (the first the input reaches, e.g. the stem conv) or
-    "depthwise" (Conv2d with one input channel per group). Low-bit schemes keep these at 8 bits: they hold few
-    weights and lose the most."""
-    if group not in LAYER_GROUPS:
-        raise ValueError(f"unknown layer group '{group}': choose from {', '.join(LAYER_GROUPS)}")
+def layer_groups(model: nn.Module, groups, input_data) -> list[str]:
+    """The quantizable layers of the named groups, in execution order: "first" (the first the input reaches, e.g.
+    the stem conv) and "depthwise" (Conv2d with one input channel per group). Low-bit schemes keep these at 8 bits:
+    they hold few weights and lose the most."""
+    unknown = sorted(set(groups) - set(LAYER_GROUPS))
+    if unknown:
+        raise ValueError(f"unknown layer groups {unknown}: choose from {', '.join(LAYER_GROUPS)}")
     layers = list(inspect_model(model, input_data).layers)
-    if group == "first":
-        return layers[:1]
     modules = dict(model.named_modules())
-    return [name for name in layers if isinstance(m := modules[name], nn.Conv2d) and 1 < m.groups == m.in_channels]
+    return [name for i, name in enumerate(layers)
+            if ("first" in groups and i == 0) or ("depthwise" in groups and isinstance(m := modules[name], nn.Conv2d)
+                                                  and 1 < m.groups == m.in_channels)]
