@@ -169,6 +169,17 @@ def test_size_rule_keeps_depthwise_and_thin_layers_uniform():
     assert not nuq_size_rule((96, 16, 1, 1), 16) and not nuq_size_rule((8, 8), 16)
 
 
+def test_size_rule_wants_a_quarter_of_the_bytes_saved():
+    """Thin layers need per-channel codebooks, which can eat the saving of the shorter indices."""
+    from openamct.config import nuq_size_rule
+    from openamct.nuq import index_bits
+    assert not nuq_size_rule((480, 80, 1, 1), 32)  # 80 x 5/8 bytes + 32 codebook bytes a channel: more than INT8
+    assert nuq_size_rule((480, 80, 1, 1), 32, codebook="layer")  # one codebook: 5/8 of the bytes
+    assert nuq_size_rule((80, 480, 1, 1), 32) and index_bits(32) == 5
+    assert nuq_size_rule((576, 96, 1, 1), 16)  # 96 / 2 + 16 bytes a channel: 2/3 of INT8
+    assert not nuq_size_rule((240, 40, 1, 1), 16)  # 40 / 2 + 16: 9/10
+
+
 def atc_dump(flagged: dict) -> dict:
     ops = []
     for name, compress in flagged.items():

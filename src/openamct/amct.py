@@ -52,10 +52,13 @@ def _nuq_layers(cfg_path, model, input_data, info) -> set:
                if set(types) & set(NUQ_TYPES)}
     mapping_file = message.nuq_config.mapping_file
     if not mapping_file:
-        num_steps = message.nuq_config.nuq_quantize.num_steps
-        chosen = {name for name, weight in weights.items() if nuq_size_rule(weight.shape, num_steps)}
-        log.info(f"NUQ: no mapping_file, so the {len(chosen)} Conv2d/Linear layers with at least {16 * num_steps} "
-                 f"weights and {2 * num_steps} per output channel get non-uniform weights.", "NUQ")
+        params = message.nuq_config.nuq_quantize
+        chosen = {name for name, weight in weights.items()
+                  if nuq_size_rule(weight.shape, params.num_steps, params.codebook)}
+        log.info(f"NUQ: no mapping_file, so the {len(chosen)} of {len(weights)} Conv2d/Linear layers where "
+                 f"{params.num_steps} levels save at least a quarter of the INT8 weight bytes (codebooks counted) "
+                 f"and that have {2 * params.num_steps} or more weights per output channel get non-uniform "
+                 f"weights.", "NUQ")
         return chosen
     try:
         flagged = nuq.flagged_names(mapping_file)

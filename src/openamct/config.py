@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import text_format
 
+from . import nuq
 from .fileio import write_text
 from .proto import calibration_config_pytorch_pb2 as calib_pb2
 from .proto import retrain_config_pytorch_pb2 as retrain_pb2
@@ -76,7 +77,7 @@ class WeightQuantParams:
     wts_algo: str = "arq_quantize"
     channel_wise: bool = True
     num_steps: int = 32           # nuq_quantize: levels per codebook
-    num_of_iteration: int = 1     # nuq_quantize: rounds of level refits alternating with GPTQ (modules.py)
+    num_of_iteration: int = 4     # nuq_quantize: rounds of level refits alternating with GPTQ (modules.py)
     codebook: str = "auto"        # nuq_quantize: one codebook per "layer", per output "channel", or "auto" (nuq.py)
     rounding: str = "gptq"        # "nearest", or "gptq": weights chosen to minimise the output error
     bias_correction: bool = True  # correct the output-mean shift that weight quantization leaves
@@ -264,13 +265,17 @@ def parse_cfg(path: str, root=calib_pb2.AMCTConfig):
 NUQ_TYPES = ("Conv2d", "Linear")
 
 
-def nuq_size_rule(shape, num_steps: int) -> bool:
-    """Without a mapping file, NUQ goes to Conv2d/Linear layers with at least 16 x num_steps weights (the codebook
-    is small next to the packed indices) and at least 2 x num_steps weights per output channel: with fewer, too
-    few weights share each channel's scale for GPTQ to make up for the coarse levels (a depthwise conv, which GPTQ
-    does not reach at all, lost most of NUQ-16's accuracy on EfficientNet-Lite0), and such layers weigh little."""
+def nuq_size_rule(shape, num_steps: int, codebook: str = "auto") -> bool:
+    """Without a mapping file, NUQ goes to the Conv2d/Linear layers where it saves at least a quarter of the INT8
+    weight bytes, its codebooks (`codebook`, as nuq.per_channel_codebooks decides) counted, and that have at least
+    2 x num_steps weights per output channel. A layer that saves less pays NUQ's accuracy for little: a NUQ-32
+    layer of 80 weights per channel, with the per-channel codebooks a layer that thin needs, is larger than INT8.
+    With fewer weights per channel, too few share each channel's scale for GPTQ to make up for the coarse levels
+    (a depthwise conv lost most of NUQ-16's accuracy on EfficientNet-Lite0)."""
     count = math.prod(shape)
-    return count >= 16 * num_steps and count // shape[0] >= 2 * num_steps
+    books = shape[0] if nuq.per_channel_codebooks(codebook, shape, num_steps) else 1
+    packed = count * nuq.index_bits(num_steps) / 8 + books * num_steps
+    return count // shape[0] >= 2 * num_steps and packed <= 0.75 * count
 
 
 def _checked_cfg(path: str, root, layer_types: dict):
