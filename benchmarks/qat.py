@@ -155,7 +155,7 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
         groups = groups[1:]
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-    evaluation, labels = tensors(images.subset(args.train))
+    evaluation, labels = tensors(images.subset(args.train)) if rank == 0 else (None, None)  # rank 0 evaluates
     losses, curve, train_time = [], [], 0.0
     chunk = args.eval_every or args.steps
     for done in range(0, args.steps, chunk):  # one scheduler and optimizer: chunks continue the same run
