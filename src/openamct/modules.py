@@ -253,6 +253,13 @@ def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
+def _ridged(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """hessian (float64, [K, K]) with damp * mean diagonal added to its diagonal: the output-error metric that NUQ's
+    level refits and the choice between their rounds share."""
+    h = hessian.double()
+    return h + damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
 def _extremes(w: torch.Tensor, channel_wise: bool) -> torch.Tensor:
     """Mask of the weights that set the ARQ scale (largest magnitude per row, or in the tensor). GPTQ leaves them
     as they are, so the scale recomputed from its weights is the one it used: QAT's arq_retrain, which recomputes
@@ -317,8 +324,7 @@ def refit_levels(weight: torch.Tensor, chosen: torch.Tensor, hessian: torch.Tens
     shape, num_steps = weight.shape, quantizer.params.num_steps
     w = weight.detach().double().reshape(shape[0], -1)
     device = w.device
-    h = hessian.double().to(device)
-    h = h + damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=device)
+    h = _ridged(hessian.to(device), damp)
     scale = quantizer.scales(weight).double().to(device).reshape(-1, 1).expand_as(w)
     books = torch.from_numpy(np.atleast_2d(quantizer.levels)).double().to(device)  # [1 or out_channels, steps]
     codes = torch.round(chosen.detach().double().reshape(w.shape) / scale)
@@ -337,7 +343,8 @@ def refit_levels(weight: torch.Tensor, chosen: torch.Tensor, hessian: torch.Tens
         else:
             a[rows] = torch.einsum("loj,moj->olm", parts_h, parts).double()
             b[rows] = torch.einsum("loj,oj->ol", parts_h, w[rows].float()).double()
-    ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)[:, None, None] * torch.eye(num_steps, device=device)
+    eye = torch.eye(num_steps, dtype=torch.float64, device=device)
+    ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)[:, None, None] * eye
     levels = torch.linalg.solve(a + ridge, (b + ridge[:, 0, 0, None] * books)[..., None])[..., 0]
     levels = torch.clamp(torch.round(levels), *qrange(quantizer.params.num_bits))
     rows = torch.arange(w.shape[0], device=device)[:, None] if books.shape[0] > 1 else \
@@ -463,8 +470,7 @@ class QuantLayer(nn.Module):
             hessian = self.hessian / self._moment_batches
             quantizer.fixed_scales = quantizer.scales(weight)
             rounds = quantizer.params.num_of_iteration if nuq_fit else 0
-            eye = torch.eye(hessian.shape[0], dtype=torch.float64, device=hessian.device)
-            damped = hessian.double() + 0.01 * torch.diag(hessian).double().mean() * eye
+            damped = _ridged(hessian, 0.01)
             best = None
 
             def keep(chosen):
