@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bits", default="4,8", help="weight bit widths, comma-separated (activations: 8)")
     parser.add_argument("--train", type=int, default=600, help="the first N images train, the rest evaluate")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="QAT steps (0: the PTQ rows only)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over --world-size)")
     parser.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate of the weights (0: frozen)")
     parser.add_argument("--quant-lr", type=float, default=1e-4, help="Adam learning rate of clips and scales")
@@ -229,6 +229,8 @@ def main() -> None:
                         "(the stem conv), depthwise; a retrain.cfg override_layer_configs entry per layer")
     args = parser.parse_args()
     args.int8 = [g for g in args.int8.split(",") if g]
+    if args.steps < 0 or (args.steps == 0 and args.skip_ptq):
+        parser.error("--steps: at least 1 (0, the PTQ rows only, needs PTQ: drop --skip-ptq)")
     if set(args.int8) - set(LAYER_GROUPS):
         parser.error(f"--int8: unknown layer groups {sorted(set(args.int8) - set(LAYER_GROUPS))}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +251,8 @@ def main() -> None:
                 rows.append((f"PTQ {label(bits, args.int8)} {name}",
                              scores(logits_of(qmodel, evaluation), labels, fp32), f"calib {seconds:.0f} s"))
                 print(rows[-1], flush=True)
+        if args.steps == 0:
+            continue
         result = run_qat(args, bits)
         sim, deploy = np.asarray(result["sim"]), np.asarray(result["deploy"])
         note = (f"train {result['train_s']:.0f} s, {args.steps} steps x {args.batch_size}, world {args.world_size}, "

@@ -220,3 +220,34 @@ def test_gptq_keeps_the_weights_that_set_the_scale():
     weight = quantized.layer.weight.detach()
     torch.testing.assert_close(weight[:, 3], torch.full((8,), 2.0))
     torch.testing.assert_close(weight_scales(weight), quantized.weight_quantizer.scales(weight), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
+def test_scale_refit_lowers_the_output_error_and_keeps_the_codes(depthwise):
+    """4-bit GPTQ codes, then each channel's scale refitted: the output error on the calibration data drops, the
+    codes are those GPTQ chose, each scale moves at most 10 %, and ARQ recomputed from the weights gives the new
+    scales (QAT's arq_retrain starts from them)."""
+    from openamct.config import WeightQuantParams
+    from openamct.modules import WeightQuantizer, gptq, gptq_depthwise, refit_scales
+    gen = torch.Generator().manual_seed(0)
+    channels, taps = 16, 9
+    x = torch.randn(4096, 4, generator=gen) @ torch.randn(4, taps if depthwise else 32, generator=gen)
+    hessian = (x.t() @ x / len(x)).double()
+    if depthwise:  # one Hessian per channel, each from its own data
+        hessian = torch.stack([hessian * (1 + 0.1 * c) for c in range(channels)])
+    weight = torch.randn(channels, taps if depthwise else 32, generator=gen)
+    quantizer = WeightQuantizer(WeightQuantParams(num_bits=4), axis=0)
+    quantizer.fixed_scales = old_scales = quantizer.scales(weight)
+    chosen = (gptq_depthwise if depthwise else gptq)(weight, hessian, quantizer)
+
+    def output_error(w):
+        delta = (w - weight).double()
+        return float(torch.einsum("ci,cij,cj->", delta, hessian, delta) if depthwise else
+                     torch.einsum("ci,ij,cj->", delta, hessian, delta))
+
+    refitted = refit_scales(weight, chosen, hessian, quantizer)
+    assert output_error(refitted) < 0.97 * output_error(chosen)
+    new_scales = quantizer.fixed_scales
+    assert not torch.equal(new_scales, old_scales) and ((new_scales / old_scales - 1).abs() <= 0.1 + 1e-6).all()
+    torch.testing.assert_close(refitted / new_scales[:, None], chosen / old_scales[:, None], rtol=0, atol=1e-4)
+    torch.testing.assert_close(weight_scales(refitted, 4, True, 0), new_scales, rtol=1e-6, atol=0)
