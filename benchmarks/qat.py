@@ -162,7 +162,7 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
         start = time.perf_counter()
         losses += retrain.train(trained, loader, min(chunk, args.steps - done), optimizer, scheduler=scheduler,
                                 teacher=model, kd_weight=args.kd_weight, temperature=args.temperature,
-                                device=device)
+                                mixup=args.mixup, device=device)
         train_time += time.perf_counter() - start
         if args.eval_every and rank == 0:
             qmodel.eval()
@@ -213,6 +213,8 @@ def main() -> None:
     parser.add_argument("--quant-lr", type=float, default=1e-4, help="Adam learning rate of clips and scales")
     parser.add_argument("--kd-weight", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                        help="blend each batch with its reverse, weight ~ Beta(ALPHA, ALPHA) (0: off)")
     parser.add_argument("--init-batches", type=int, default=2, help="batch_num: batches of IFMR initialisation")
     parser.add_argument("--calib-batches", type=int, default=8, help="PTQ: batches of 32 of calibration")
     parser.add_argument("--init", choices=("ifmr", "ptq"), default="ptq",

@@ -259,3 +259,36 @@ def test_learned_range_stays_within_what_the_producer_outputs(tmp_path):
     report = amct.save_quant_retrain_model("tmp/config.json", qmodel, "tmp/record.txt", "out/tiny", example)
     assert all(result["ok"] for result in report["parity"].values()), report["parity"]
     assert read_record("tmp/record.txt")["dw"].scale_d == pytest.approx(6.0 / 255, rel=1e-7)
+
+
+def test_mixup_trains_on_blends_of_each_batch_with_its_reverse():
+    """Student and teacher see the same blend lam * x + (1 - lam) * x[::-1]; the label loss is blended alike."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.fc(x)
+
+    student, teacher = Recorder(), Recorder()
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    (loss,) = retrain.train(student, [(x, y)], 1, optimizer, teacher=teacher, kd_weight=0.5, mixup=0.4)
+    blended, teacher_input = seen
+    assert torch.equal(blended, teacher_input)
+    lam = float(((blended - x.flip(0)) * (x - x.flip(0))).sum() / (x - x.flip(0)).pow(2).sum())
+    assert 0 < lam < 1 and lam != pytest.approx(0.5, abs=1e-3)
+    torch.testing.assert_close(blended, lam * x + (1 - lam) * x.flip(0))
+    with torch.no_grad():
+        logits, soft = student.fc(blended), teacher.fc(blended)
+    expected = (lam * retrain.distillation_loss(logits, soft, y, 0.5)
+                + (1 - lam) * retrain.distillation_loss(logits, soft, y.flip(0), 0.5))
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    seen.clear()
+    retrain.train(student, [(x, y)], 1, optimizer)  # mixup off: the batch as it is
+    assert torch.equal(seen[0], x)

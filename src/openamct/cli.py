@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--kd-weight", type=float, default=1.0,
                        help="weight of distillation from the FP32 model against the labels' cross-entropy: 1 = "
                             "distillation only (default), 0 = labels only")
+    train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                       help="train on each batch blended with its reverse, weight ~ Beta(ALPHA, ALPHA): the teacher "
+                            "labels the blends, which helps long runs on few images (1.0 with 600 steps or more; "
+                            "default 0, off)")
     train.add_argument("--seed", type=int, default=0, help="seed of the shuffling and augmentation (default 0)")
     _device_argument(retrain)
     retrain.set_defaults(func=run_retrain)
@@ -706,7 +710,7 @@ def run_retrain(args) -> int:
     with _timed(timings, "training"):
         losses = retrain.train(trained, loader, args.steps, optimizer, scheduler=scheduler,
                                teacher=model if args.kd_weight > 0 else None, kd_weight=args.kd_weight,
-                               device=device)
+                               mixup=args.mixup, device=device)
     if rank == 0:  # saves, evaluates and reports while the other ranks wait at the barrier below
         qmodel.eval()
         with _timed(timings, "save_model"):
