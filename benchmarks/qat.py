@@ -233,6 +233,8 @@ def main() -> None:
     args.int8 = [g for g in args.int8.split(",") if g]
     if args.steps < 0 or (args.steps == 0 and args.skip_ptq):
         parser.error("--steps: at least 1 (0, the PTQ rows only, needs PTQ: drop --skip-ptq)")
+    if not args.mixup >= 0:
+        parser.error(f"--mixup: expected alpha >= 0 (0: off), got {args.mixup}")
     if set(args.int8) - set(LAYER_GROUPS):
         parser.error(f"--int8: unknown layer groups {sorted(set(args.int8) - set(LAYER_GROUPS))}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -344,6 +344,8 @@ def test_retrain_bad_inputs(tiny_file, in_tmp, capsys):
     base = ["retrain", "--model-file", f"{tiny_file}:build", "--images", IMAGES, "--labels", SYNSETS, *THREADS]
     code, _, err = _run(base + ["--train", 800], capsys)
     _assert_one_line_error(code, err, "--train 800", "has 800 images")
+    code, _, err = _run(base + ["--mixup", "-1"], capsys)
+    _assert_one_line_error(code, err, "--mixup", "expected a number >= 0, got '-1'")
     code, _, err = _run(base + ["--int8-layers", "stem"], capsys)
     _assert_one_line_error(code, err, "--int8-layers", "unknown layer groups ['stem']")
     code, _, err = _run(base + ["--config", "missing.cfg"], capsys)

@@ -292,3 +292,5 @@ def test_mixup_trains_on_blends_of_each_batch_with_its_reverse():
     seen.clear()
     retrain.train(student, [(x, y)], 1, optimizer)  # mixup off: the batch as it is
     assert torch.equal(seen[0], x)
+    with pytest.raises(ValueError, match="mixup: expected alpha >= 0"):
+        retrain.train(student, [(x, y)], 1, optimizer, mixup=-0.5)

@@ -66,6 +66,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -243,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--kd-weight", type=float, default=1.0,
                        help="weight of distillation from the FP32 model against the labels' cross-entropy: 1 = "
                             "distillation only (default), 0 = labels only")
-    train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+    train.add_argument("--mixup", type=_non_negative_float, default=0.0, metavar="ALPHA",
                        help="train on each batch blended with its reverse, weight ~ Beta(ALPHA, ALPHA): the teacher "
                             "labels the blends, which helps long runs on few images (1.0 with 600 steps or more; "
                             "default 0, off)")

@@ -258,6 +258,8 @@ def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, te
     mixup); the label loss is blended alike and the teacher labels the blended images, so a few hundred images
     give many distinct targets (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and
     consistent")."""
+    if not mixup >= 0:
+        raise ValueError(f"mixup: expected alpha >= 0 (0: off), got {mixup}")
     model.train()
     if teacher is not None:
         teacher.eval()
