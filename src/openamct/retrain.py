@@ -248,6 +248,12 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return (1 - weight) * hard + weight * soft
 
 
+def _loss(logits, teacher_logits, labels, kd_weight: float, temperature: float) -> torch.Tensor:
+    if teacher_logits is None:
+        return F.cross_entropy(logits, labels)
+    return distillation_loss(logits, teacher_logits, labels, kd_weight, temperature)
+
+
 def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, teacher: nn.Module | None = None,
           kd_weight: float = 0.0, temperature: float = 1.0, mixup: float = 0.0, device=None, print_freq: int = 0,
           log_fn=print) -> list[float]:
@@ -275,14 +281,13 @@ def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, te
             lam = float(torch.distributions.Beta(mixup, mixup).sample()) if mixup > 0 else 1.0
             if lam < 1.0:
                 images = lam * images + (1 - lam) * images.flip(0)
-            logits = model(images)
+            logits, teacher_logits = model(images), None
             if teacher is not None and kd_weight > 0:
                 with torch.no_grad():
                     teacher_logits = teacher(images)
-                loss_of = lambda y: distillation_loss(logits, teacher_logits, y, kd_weight, temperature)  # noqa: E731
-            else:
-                loss_of = lambda y: F.cross_entropy(logits, y)  # noqa: E731
-            loss = loss_of(labels) if lam == 1.0 else lam * loss_of(labels) + (1 - lam) * loss_of(labels.flip(0))
+            loss = _loss(logits, teacher_logits, labels, kd_weight, temperature)
+            if lam < 1.0:  # the label loss blended as the images were
+                loss = lam * loss + (1 - lam) * _loss(logits, teacher_logits, labels.flip(0), kd_weight, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
