@@ -323,11 +323,13 @@ def test_retrain_trains_exports_and_reports(tiny_file, in_tmp, capsys):
     """`openamct retrain` on the tiny CNN: INT4 weights, 3 steps on 8 images, evaluation on the other 4."""
     code, out, err = _run(["retrain", "--model-file", f"{tiny_file}:build", "--images", IMAGES, "--labels", SYNSETS,
                            "--train", 8, "--eval", 4, "--batch-size", 4, "--steps", 3, "--weight-bits", 4,
-                           "--int8-layers", "first,depthwise", "--batch-num", 1, "--workers", 0, *THREADS], capsys)
+                           "--int8-layers", "first,depthwise", "--batch-num", 1, "--workers", 0, "--mixup", 0.5,
+                           *THREADS], capsys)
     assert code == 0, err
     output = in_tmp / "outputs" / "build_retrain"
     report = json.loads((output / "retrain_report.json").read_text())
     assert report["train_images"] == 8 and report["eval_images"] == 4 and len(report["losses"]) == 3
+    assert report["mixup"] == 0.5 and report["kd_weight"] == 1.0 and np.isfinite(report["losses"]).all()
     assert all(result["ok"] for result in report["parity"].values())
     assert "ulq_retrain { dst_type: INT4 }" in (output / "tmp" / "retrain.cfg").read_text()
     layers = json.loads((output / "tmp" / "config.json").read_text())

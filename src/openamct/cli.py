@@ -740,7 +740,8 @@ def run_retrain(args) -> int:
         timings["total"] = round(time.perf_counter() - start, 3)
         report = {"model": name, "world_size": world, "device": str(device), "train_images": n_train,
                   "eval_images": accuracy["fp32"].count, "config": str(cfg), "steps": args.steps,
-                  "batch_size": args.batch_size, "losses": losses,
+                  "batch_size": args.batch_size, "lr": args.lr, "quant_lr": args.quant_lr, "kd_weight": args.kd_weight,
+                  "mixup": args.mixup, "seed": args.seed, "losses": losses,
                   "accuracy": {key: {"top1": acc.top1, "top5": acc.top5} for key, acc in accuracy.items()},
                   "deploy_qat_top1_agreement": float((top1["deploy"] == top1["qat"]).mean()),
                   "parity": saved["parity"], "skipped_images": skipped,
