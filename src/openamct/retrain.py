@@ -266,6 +266,7 @@ def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, te
     consistent")."""
     if not mixup >= 0:
         raise ValueError(f"mixup: expected alpha >= 0 (0: off), got {mixup}")
+    blend = torch.distributions.Beta(mixup, mixup) if mixup > 0 else None
     model.train()
     if teacher is not None:
         teacher.eval()
@@ -278,7 +279,7 @@ def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, te
         for images, labels in loader:
             if device is not None:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            lam = float(torch.distributions.Beta(mixup, mixup).sample()) if mixup > 0 else 1.0
+            lam = float(blend.sample()) if blend is not None else 1.0
             if lam < 1.0:
                 images = lam * images + (1 - lam) * images.flip(0)
             logits, teacher_logits = model(images), None
