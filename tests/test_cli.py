@@ -163,6 +163,7 @@ def test_calibrate_writes_amct_layout_report_and_plot(calibrated):
     # the printed summary: table, parity, outputs, skipped images, time
     assert "FP32 (PyTorch)" in out and "INT8 simulation (PyTorch)" in out and "INT8 deploy (ORT)" in out
     assert "pts" in out and "Parity with the PyTorch simulation" in out
+    assert f"Accuracy on {EVAL} images (the first {min(8, EVAL)} also calibrated" in out
     assert str(output / "build_deploy_model.onnx") in out and str(output / "layer_error.png") in out
     assert "Skipped images: 0" in out and "Total time:" in out
 

@@ -545,7 +545,9 @@ def _print_summary(report, args) -> None:
         out.append(f"  (batch_num {calib['batch_num']} from {args.config} replaces --batch-num {args.batch_num})")
     results = report["evaluation"]
     if results:
-        out.append(f"\nAccuracy on {results['images']} images:")
+        seen = min(calib["images"], results["images"])  # both start at the first image
+        out.append(f"\nAccuracy on {results['images']} images (the first {seen} also calibrated: the weights and "
+                   f"ranges fit them best):" if seen else f"\nAccuracy on {results['images']} images:")
         out.append(f"  {'model':<27}{'top-1':>8}{'top-5':>9}{'top-1 drop':>13}")
         labels = {"fp32": "FP32 (PyTorch)", "simulation": "INT8 simulation (PyTorch)", "deploy": "INT8 deploy (ORT)"}
         for key, label in labels.items():
