@@ -172,12 +172,13 @@ def fmt(v, spec=".1f"):
 
 
 def markdown(results: dict) -> str:
-    cols = ["model", "top-1 %", "top-1 % not calib.", "top-5 %", "agree FP32 %", "agree sim %", "calib/quant s", "peak RSS MB",
-            "base RSS MB"]
+    cols = ["model", "top-1 %", "top-1 % not calib.", "top-5 %", "agree FP32 %", "agree sim %", "calib/quant s",
+            "peak RSS MB", "base RSS MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in results["rows"].items():
-        cells = [name, fmt(r.get("top1")), fmt(r.get("top1_held")), fmt(r.get("top5")), fmt(r.get("agree_fp32")), fmt(r.get("agree_sim")),
-                 fmt(r.get("seconds")), fmt(r.get("peak_rss_mb"), ".0f"), fmt(r.get("base_rss_mb"), ".0f")]
+        cells = [name, fmt(r.get("top1")), fmt(r.get("top1_held")), fmt(r.get("top5")), fmt(r.get("agree_fp32")),
+                 fmt(r.get("agree_sim")), fmt(r.get("seconds")), fmt(r.get("peak_rss_mb"), ".0f"),
+                 fmt(r.get("base_rss_mb"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("latency"):
         lines += ["", "ORT latency, 2 threads, median ms per batch (interleaved rounds)", "",
