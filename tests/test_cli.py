@@ -260,7 +260,8 @@ def test_help_describes_every_option(capsys):
     code, out, _ = _run(["retrain", "--help"], capsys)
     assert code == 0
     for option in ("--model", "--model-file", "--images", "--train", "--config", "--weight-bits", "--steps", "--lr",
-                   "--quant-lr", "--kd-weight", "--mixup", "--batch-num", "--init", "torchrun", "retrain_report.json", "checkpoint.pth"):
+                   "--quant-lr", "--kd-weight", "--mixup", "--batch-num", "--init", "torchrun", "retrain_report.json",
+                   "checkpoint.pth"):
         assert option in out, option
     code, _, err = _run([], capsys)
     assert code == 2 and "COMMAND" in err
