@@ -75,6 +75,14 @@ def scores(logits: np.ndarray, labels: np.ndarray, refs: dict | None = None, hel
     return res
 
 
+def paired_gap(logits: np.ndarray, base: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1 of `logits` minus that of `base` (points) with its standard error, paired over the same images: on a
+    few hundred images a gap of one or two images is within the noise, and this says how far."""
+    d = (logits.argmax(1) == labels).astype(np.float64) - (base.argmax(1) == labels)
+    return {"gap": float(100 * d.mean()), "se": float(100 * d.std(ddof=1) / np.sqrt(len(d))),
+            "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
+
+
 def agree(a: np.ndarray, b: np.ndarray) -> float:
     return 100 * float((a.argmax(1) == b.argmax(1)).mean())
 
@@ -193,6 +201,13 @@ def markdown(results: dict) -> str:
         for name, w in results["weights"].items():
             lines.append(f"| {name} | {w['fp32']} | {w['int8']} | {w['nuq_packed']} | {w['packed_over_int8']:.3f} "
                          f"| {w['nuq_layers']} of {w['layers']} |")
+    if results.get("gaps"):
+        lines += ["", "Top-1 gap to uniform W8A8 (IFMR) on the same images, with its standard error (paired)", "",
+                  "| model | images | gap (points) | s.e. | images only it gets right | images only W8A8 gets right |",
+                  "|" + "---|" * 6]
+        for name, by_part in results["gaps"].items():
+            for part, g in by_part.items():
+                lines.append(f"| {name} | {part} | {g['gap']:+.2f} | {g['se']:.2f} | {g['better']} | {g['worse']} |")
     if results.get("ops"):
         lines += ["", "Op counts after ORT level-ALL optimisation (integer ops; float Conv/MatMul/Gemm)", ""]
         for name, ops in results["ops"].items():
@@ -301,6 +316,12 @@ def main():
     results["ops"] = {f"ours_{a}": dict(integer_ops(p)) for a, p in deploy.items()}
     results["ops"].update({f"ort_{m}": dict(integer_ops(p)) for m, p in ort_models.items()})
 
+    if "IFMR PyTorch sim" in rows:
+        base = rows["IFMR PyTorch sim"]["logits"]
+        parts = {"all": slice(None), "not calib.": slice(held_from, None)} if 0 < held_from < len(ev_y) \
+            else {"all": slice(None)}
+        results["gaps"] = {a.upper(): {part: paired_gap(rows[f"{a.upper()} PyTorch sim"]["logits"][i], base[i], ev_y[i])
+                                       for part, i in parts.items()} for a in algos if a.startswith("nuq")}
     for r in rows.values():
         r.pop("logits", None)
     table = markdown(results)
