@@ -4,8 +4,9 @@ Run by hand (not in CI), e.g. ``python benchmarks/ptq.py --out /tmp/ptqbench``. 
 ``--calib`` images (``--batch-num`` batches), evaluates on the first ``--eval``, and prints/writes one table:
 accuracy (also on the images calibration did not see) and top-1 agreement of every model, calibration time and peak
 RSS, ORT latency and integer-op counts.
-``--nuq 16,32`` adds one run per num_steps N ("nuqN": IFMR activations, NUQ weights on the Conv2d/Linear layers
-with at least 16*N weights, the rest uniform INT8) and a table of their weight bytes from save_model's report.
+``--nuq 16,32`` adds one run per num_steps N ("nuqN": IFMR activations, NUQ weights on the layers the size rule
+picks, the rest uniform INT8), a table of their weight bytes from save_model's report, and one of their top-1 gap
+to W8A8 (IFMR) with its standard error, paired over the same images.
 Each openamct calibration runs in a spawned child so that its peak RSS is its own, as ORT's quantization
 does in ortbaseline.py; the peak is the child's VmHWM (ru_maxrss would include this process's RSS at the fork).
 """
