@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import openamct as amct  # noqa: E402
-from openamct.data import Accuracy, ImageLoader, LabelledImages  # noqa: E402
+from openamct.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
 from openamct.models import MODELS  # noqa: E402
 from ortbaseline import (INTEGER_OP_TYPES, integer_ops, ort_latency, ort_predict,  # noqa: E402
                          ort_quantize_static, ort_session, proc_mem_mb)
@@ -74,14 +74,6 @@ def scores(logits: np.ndarray, labels: np.ndarray, refs: dict | None = None, hel
     for name, ref in (refs or {}).items():
         res[f"agree_{name}"] = agree(logits, ref)
     return res
-
-
-def paired_gap(logits: np.ndarray, base: np.ndarray, labels: np.ndarray) -> dict:
-    """Top-1 of `logits` minus that of `base` (points) with its standard error, paired over the same images: on a
-    few hundred images a gap of one or two images is within the noise, and this says how far."""
-    d = (logits.argmax(1) == labels).astype(np.float64) - (base.argmax(1) == labels)
-    return {"gap": float(100 * d.mean()), "se": float(100 * d.std(ddof=1) / np.sqrt(len(d))),
-            "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
 
 
 def agree(a: np.ndarray, b: np.ndarray) -> float:
@@ -321,7 +313,7 @@ def main():
         base = rows["IFMR PyTorch sim"]["logits"]
         parts = {"all": slice(None), "not calib.": slice(held_from, None)} if 0 < held_from < len(ev_y) \
             else {"all": slice(None)}
-        results["gaps"] = {a.upper(): {part: paired_gap(rows[f"{a.upper()} PyTorch sim"]["logits"][i], base[i], ev_y[i])
+        results["gaps"] = {a.upper(): {part: top1_gap(rows[f"{a.upper()} PyTorch sim"]["logits"][i], base[i], ev_y[i])
                                        for part, i in parts.items()} for a in algos if a.startswith("nuq")}
     for r in rows.values():
         r.pop("logits", None)

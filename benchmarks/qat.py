@@ -1,7 +1,8 @@
 """QAT benchmark: EfficientNet-Lite0 trained quantized on 600 sample images, evaluated on the other 200.
 
 Run by hand (not in CI), e.g. ``python benchmarks/qat.py --out /tmp/qatbench --bits 4,8``.
-For each weight bit width it reports top-1/top-5 on the 200 held-out images and top-1 agreement with FP32 for:
+For each weight bit width it reports top-1/top-5 on the 200 held-out images, top-1 agreement with FP32 and the
+top-1 gap to FP32 with its standard error (paired over the 200 images) for:
 - PTQ with AMCT's ARQ (nearest rounding, no bias correction) and with openamct's default (GPTQ + bias correction),
   calibrated on the first 256 training images;
 - QAT through the AMCT calls (create_quant_retrain_config/model, training, save_quant_retrain_model), with the
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import openamct as amct  # noqa: E402
 from openamct import retrain  # noqa: E402
 from openamct.config import LayerConfig, QuantConfig, WeightQuantParams, load_retrain_json  # noqa: E402
-from openamct.data import Accuracy, ImageLoader, LabelledImages  # noqa: E402
+from openamct.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
 from openamct.graph import LAYER_GROUPS, inspect_model, layer_groups  # noqa: E402
 from openamct.models import MODELS  # noqa: E402
 from openamct.parity import session  # noqa: E402
@@ -94,6 +95,7 @@ def scores(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None)
     out = {"top1": 100 * accuracy.top1, "top5": 100 * accuracy.top5}
     if reference is not None:
         out["agree_fp32"] = 100 * float((logits.argmax(1) == reference.argmax(1)).mean())
+        out["vs_fp32"] = top1_gap(logits, reference, labels)  # on 200 images one image is 0.5 points
     return out
 
 
@@ -269,11 +271,12 @@ def main() -> None:
 
     print(f"\nEfficientNet-Lite0, trained on images 0..{args.train - 1}, evaluated on the other "
           f"{len(labels)} (top-1 / top-5 %, top-1 agreement with FP32 %)")
-    print(f"{'model':44s} {'top1':>7s} {'top5':>7s} {'agree':>7s}  notes")
+    print(f"{'model':44s} {'top1':>7s} {'top5':>7s} {'agree':>7s} {'vs FP32 (s.e.)':>15s}  notes")
     for name, s, note in rows:
         agree = f"{s['agree_fp32']:7.2f}" if "agree_fp32" in s else " " * 7
+        gap = f"{s['vs_fp32']['gap']:+7.2f} ({s['vs_fp32']['se']:4.2f})" if "vs_fp32" in s else " " * 15
         extra = f", agree sim {s['agree_sim']:.2f}" if "agree_sim" in s else ""
-        print(f"{name:44s} {s['top1']:7.2f} {s['top5']:7.2f} {agree}  {note}{extra}")
+        print(f"{name:44s} {s['top1']:7.2f} {s['top5']:7.2f} {agree} {gap}  {note}{extra}")
     (args.out / "qat_results.json").write_text(json.dumps([{"model": n, **s, "notes": t} for n, s, t in rows],
                                                           indent=1))
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import SAMPLE_DIR
-from openamct.data import Accuracy, ImageLoader, LabelledImages, Preprocess, topk_hits
+from openamct.data import Accuracy, ImageLoader, LabelledImages, Preprocess, top1_gap, topk_hits
 
 SMALL = Preprocess(resize=32, crop=24)
 
@@ -151,3 +151,16 @@ def test_topk_hits_and_accuracy():
     assert accuracy.top1 == pytest.approx(2 / 4) and accuracy.top5 == pytest.approx(3 / 4)
     with pytest.raises(ValueError):
         topk_hits(logits, labels[:2])
+
+
+def test_top1_gap_is_paired_over_the_same_images():
+    labels = np.array([0, 1, 2, 3])
+    base = np.eye(4)[[0, 1, 0, 0]]    # right on images 0, 1
+    model = np.eye(4)[[0, 0, 2, 3]]   # right on images 0, 2, 3
+    gap = top1_gap(model, base, labels)
+    d = np.array([0, -1, 1, 1])
+    assert gap["gap"] == pytest.approx(25.0)
+    assert gap["se"] == pytest.approx(100 * d.std(ddof=1) / 2)
+    assert (gap["better"], gap["worse"]) == (2, 1)
+    assert top1_gap(torch.tensor(model), torch.tensor(model), torch.tensor(labels)) == \
+        {"gap": 0.0, "se": 0.0, "better": 0, "worse": 0}

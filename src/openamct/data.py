@@ -298,6 +298,16 @@ def topk_hits(logits, labels, k=(1, 5)) -> tuple[int, ...]:
     return tuple(int(hits[:, :n].any(axis=1).sum()) for n in k)
 
 
+def top1_gap(logits, base, labels) -> dict:
+    """Top-1 of `logits` minus top-1 of `base` (points), paired over the same images, with its standard error and
+    the counts of images only one of them gets right: on a few hundred images a gap of one or two images is within
+    the noise, and the standard error says how far."""
+    logits, base, labels = _numpy(logits), _numpy(base), _numpy(labels)
+    d = (logits.argmax(1) == labels).astype(np.float64) - (base.argmax(1) == labels)
+    return {"gap": float(100 * d.mean()), "se": float(100 * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0,
+            "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
+
+
 class Accuracy:
     """Running top-1/top-5 accuracy of any predictor's logits (torch or numpy, e.g. ONNX Runtime)."""
 
