@@ -164,3 +164,7 @@ def test_top1_gap_is_paired_over_the_same_images():
     assert (gap["better"], gap["worse"]) == (2, 1)
     assert top1_gap(torch.tensor(model), torch.tensor(model), torch.tensor(labels)) == \
         {"gap": 0.0, "se": 0.0, "better": 0, "worse": 0}
+    with pytest.raises(ValueError):
+        top1_gap(model, base, labels[:, None])
+    with pytest.raises(ValueError):
+        top1_gap(model, base[:3], labels)

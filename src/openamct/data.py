@@ -288,11 +288,17 @@ def _numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
-def topk_hits(logits, labels, k=(1, 5)) -> tuple[int, ...]:
-    """How many rows have their label among the k highest logits, for each k (numpy or torch input)."""
+def _logits_and_labels(logits, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Both as numpy, checked to be (N, classes) and (N,): a label column (N, 1) would otherwise broadcast."""
     logits, labels = _numpy(logits), _numpy(labels)
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"expected logits (N, classes) and labels (N,), got {logits.shape} and {labels.shape}")
+    return logits, labels
+
+
+def topk_hits(logits, labels, k=(1, 5)) -> tuple[int, ...]:
+    """How many rows have their label among the k highest logits, for each k (numpy or torch input)."""
+    logits, labels = _logits_and_labels(logits, labels)
     ranked = np.argsort(-logits, axis=1, kind="stable")[:, : max(k)]
     hits = ranked == labels[:, None]
     return tuple(int(hits[:, :n].any(axis=1).sum()) for n in k)
@@ -302,7 +308,7 @@ def top1_gap(logits, base, labels) -> dict:
     """Top-1 of `logits` minus top-1 of `base` (points), paired over the same images, with its standard error and
     the counts of images only one of them gets right: on a few hundred images a gap of one or two images is within
     the noise, and the standard error says how far."""
-    logits, base, labels = _numpy(logits), _numpy(base), _numpy(labels)
+    (logits, labels), (base, _) = _logits_and_labels(logits, labels), _logits_and_labels(base, labels)
     d = (logits.argmax(1) == labels).astype(np.float64) - (base.argmax(1) == labels)
     return {"gap": float(100 * d.mean()), "se": float(100 * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0,
             "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
