@@ -64,12 +64,19 @@ def evaluate(model, images, labels, refs: dict | None = None, held_from: int = 0
     return scores(predict(model, images), labels, refs, held_from)
 
 
+def held_out(held_from: int, count: int) -> slice | None:
+    """images[held_from:], those calibration did not see; None where that part is empty or is all of them.
+    GPTQ and the ranges fit the calibration images best, so this is the fair part to score."""
+    return slice(held_from, None) if 0 < held_from < count else None
+
+
 def scores(logits: np.ndarray, labels: np.ndarray, refs: dict | None = None, held_from: int = 0) -> dict:
     acc, held = Accuracy(), Accuracy()
     acc.update(logits, labels)
     res = {"top1": 100 * acc.top1, "top5": 100 * acc.top5, "logits": logits}
-    if 0 < held_from < len(labels):  # GPTQ and the ranges fit the calibration images best: this is the fair score
-        held.update(logits[held_from:], labels[held_from:])
+    part = held_out(held_from, len(labels))
+    if part is not None:
+        held.update(logits[part], labels[part])
         res["top1_held"] = 100 * held.top1
     for name, ref in (refs or {}).items():
         res[f"agree_{name}"] = agree(logits, ref)
@@ -311,8 +318,8 @@ def main():
 
     if "IFMR PyTorch sim" in rows:
         base = rows["IFMR PyTorch sim"]["logits"]
-        parts = {"all": slice(None), "not calib.": slice(held_from, None)} if 0 < held_from < len(ev_y) \
-            else {"all": slice(None)}
+        parts = {"all": slice(None), "not calib.": held_out(held_from, len(ev_y))}
+        parts = {name: part for name, part in parts.items() if part is not None}
         results["gaps"] = {a.upper(): {part: top1_gap(rows[f"{a.upper()} PyTorch sim"]["logits"][i], base[i], ev_y[i])
                                        for part, i in parts.items()} for a in algos if a.startswith("nuq")}
     for r in rows.values():
