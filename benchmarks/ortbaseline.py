@@ -70,7 +70,7 @@ def _quantize_child(args: dict) -> dict:
     try:
         oq.quant_pre_process(src, pre)
         model_in = pre
-    except Exception as e:  # noqa: BLE001 - any failure -> quantize the raw model
+    except Exception as e:
         info.update(preprocessed=False, preprocess_error=f"{type(e).__name__}: {e}")
         model_in = src
 

@@ -29,11 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ortbaseline import (  # noqa: E402
+    INTEGER_OP_TYPES,
+    integer_ops,
+    ort_latency,
+    ort_predict,
+    ort_quantize_static,
+    ort_session,
+    proc_mem_mb,
+)
+
 import openamct as amct  # noqa: E402
-from openamct.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
-from openamct.models import MODELS  # noqa: E402
-from ortbaseline import (INTEGER_OP_TYPES, integer_ops, ort_latency, ort_predict,  # noqa: E402
-                         ort_quantize_static, ort_session, proc_mem_mb)
+from openamct.app.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
+from openamct.app.models import MODELS  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 IO = dict(input_names=["input"], output_names=["output"],

@@ -36,13 +36,16 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from openamct.graph import LAYER_GROUPS, layer_groups  # noqa: E402
+
 import openamct as amct  # noqa: E402
-from openamct import retrain  # noqa: E402
-from openamct.config import LayerConfig, QuantConfig, WeightQuantParams, load_retrain_json  # noqa: E402
-from openamct.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
-from openamct.graph import LAYER_GROUPS, inspect_model, layer_groups  # noqa: E402
-from openamct.models import MODELS  # noqa: E402
-from openamct.parity import session  # noqa: E402
+from openamct.amct.config_files import load_retrain_json
+from openamct.app import training
+from openamct.app.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
+from openamct.app.models import MODELS  # noqa: E402
+from openamct.core import qat  # noqa: E402
+from openamct.core.config import LayerConfig, QuantConfig, WeightQuantParams  # noqa: E402
+from openamct.onnx_export.parity import session  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 IO = dict(input_names=["input"], output_names=["output"],
@@ -63,7 +66,7 @@ def int8_layers(model, groups: list[str]) -> list[str]:
 def weight_bits(model, bits: int, groups: list[str]) -> dict:
     """Layer name -> weight bits: `bits`, except the layers of `groups` (see int8_layers) at 8."""
     keep = set(int8_layers(model, groups))
-    return {name: 8 if name in keep else bits for name in inspect_model(model, example(model)).layers}
+    return {name: 8 if name in keep else bits for name in capture(model, example(model)).layers}
 
 
 def label(bits: int, groups: list[str]) -> str:
@@ -141,7 +144,7 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
     if args.init == "ptq":  # refine the PTQ (GPTQ + bias correction) solution
         calib, _ = tensors(images.subset(0, 32 * args.calib_batches))
         calib, size = calib.to(device), len(calib) // args.calib_batches
-        retrain.start_from_ptq(qmodel, model, load_retrain_json(config), lambda m: [
+        qat.start_from_ptq(qmodel, model, load_retrain_json(config), lambda m: [
             m(calib[i * size:(i + 1) * size]) for i in range(args.calib_batches)], dummy, args.calib_batches)
     ids = [device.index] if device.type == "cuda" else None
     trained = torch.nn.parallel.DistributedDataParallel(qmodel, device_ids=ids) if world > 1 else qmodel
@@ -149,7 +152,7 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
     loader = ImageLoader(train_set, args.batch_size // world, workers=args.workers, shuffle=True, sampler=sampler,
                          drop_last=True)
-    groups = retrain.parameter_groups(qmodel, weight_decay=0.0)
+    groups = qat.parameter_groups(qmodel, weight_decay=0.0)
     groups[0]["lr"], groups[1]["lr"] = args.lr, args.quant_lr
     if args.lr == 0:  # the quantizers alone learn
         for parameter in groups[0]["params"]:
@@ -162,7 +165,7 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
     chunk = args.eval_every or args.steps
     for done in range(0, args.steps, chunk):  # one scheduler and optimizer: chunks continue the same run
         start = time.perf_counter()
-        losses += retrain.train(trained, loader, min(chunk, args.steps - done), optimizer, scheduler=scheduler,
+        losses += training.train(trained, loader, min(chunk, args.steps - done), optimizer, scheduler=scheduler,
                                 teacher=model, kd_weight=args.kd_weight, temperature=args.temperature,
                                 mixup=args.mixup, device=device)
         train_time += time.perf_counter() - start

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from openamct.config import ActQuantParams
-from openamct.graph import fold_bn
-from openamct.observers import HFMGObserver, IFMRObserver
-from openamct.primitives import act_qparams, fake_quant, weight_scales
+from openamct.core.algorithms import HFMGObserver, IFMRObserver
+from openamct.core.capture import fold_bn
+from openamct.core.config import ActQuantParams
+from openamct.core.primitives import act_qparams, fake_quant, weight_scales
 
 
 def ref_act_qparams(lo, hi, asymmetric):
@@ -30,7 +30,7 @@ def test_act_qparams_matches_reference(lo, hi, asymmetric):
     assert scale == pytest.approx(ref_act_qparams(lo, hi, asymmetric)[0], rel=1e-6)
     assert offset == ref_act_qparams(lo, hi, asymmetric)[1]
     # the range ends map inside the int8 grid and zero is exact
-    q = lambda v: np.clip(np.round(v / scale) + offset, -128, 127)  # noqa: E731
+    q = lambda v: np.clip(np.round(v / scale) + offset, -128, 127)
     assert (q(0.0) - offset) * scale == 0.0
 
 
@@ -137,7 +137,7 @@ def test_hfmg_merges_batches_like_one_histogram():
     whole = np.histogram(torch.cat([a, b]).numpy(), 1024, (merged.lo, merged.hi))[0]
     assert merged.hist.sum() == pytest.approx(40000)
     # rebinning spreads counts within bins, so compare smoothed shapes
-    smooth = lambda h: np.convolve(h, np.ones(16), "valid")  # noqa: E731
+    smooth = lambda h: np.convolve(h, np.ones(16), "valid")
     assert np.abs(smooth(merged.hist) - smooth(whole)).max() < 0.05 * smooth(whole).max()
 
 
@@ -177,7 +177,7 @@ def test_gptq_output_error_below_nearest_rounding(layer):
     """4-bit weights: GPTQ's choice gives a smaller output error on the calibration data than nearest rounding,
     with the same scales (so only the rounding differs)."""
     import openamct
-    from openamct.config import LayerConfig, QuantConfig, WeightQuantParams
+    from openamct.core.config import LayerConfig, QuantConfig, WeightQuantParams
     torch.manual_seed(0)
     model = torch.nn.Sequential(layer).eval()
     channels = layer.in_features if isinstance(layer, torch.nn.Linear) else layer.in_channels
@@ -208,7 +208,7 @@ def test_gptq_keeps_the_weights_that_set_the_scale():
     (zeroing it, as the GPTQ paper does for dead inputs, would change the ARQ scale recomputed from the weights
     and drop a weight other data may need)."""
     import openamct
-    from openamct.config import LayerConfig, QuantConfig, WeightQuantParams
+    from openamct.core.config import LayerConfig, QuantConfig, WeightQuantParams
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 8)
     with torch.no_grad():
@@ -227,8 +227,10 @@ def test_scale_refit_lowers_the_output_error_and_keeps_the_codes(depthwise):
     """4-bit GPTQ codes, then each channel's scale refitted: the output error on the calibration data drops, the
     codes are those GPTQ chose, each scale moves at most 10 %, and ARQ recomputed from the weights gives the new
     scales (QAT's arq_retrain starts from them)."""
-    from openamct.config import WeightQuantParams
-    from openamct.modules import WeightQuantizer, gptq, gptq_depthwise, refit_scales
+    from openamct.core.algorithms.gptq import gptq, gptq_depthwise
+    from openamct.core.algorithms.scale_refit import refit_scales
+    from openamct.core.config import WeightQuantParams
+    from openamct.core.quantizers import WeightQuantizer
     gen = torch.Generator().manual_seed(0)
     channels, taps = 16, 9
     x = torch.randn(4096, 4, generator=gen) @ torch.randn(4, taps if depthwise else 32, generator=gen)

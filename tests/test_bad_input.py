@@ -4,11 +4,11 @@ import pickle
 
 import pytest
 import torch
+from tiny_models import ConvNet, convnet
 
 import openamct as amct
-from openamct.fileio import atomic_path, write_text
-from openamct.models.resnet import resnet101
-from tiny_models import ConvNet, convnet
+from openamct.app.models.resnet import resnet101
+from openamct.core.fileio import atomic_path, write_text
 
 
 @pytest.fixture
@@ -31,9 +31,8 @@ def test_save_model_before_calibration_finished(calibration_model, tmp_path):
 @pytest.mark.parametrize("batch,message", [(torch.empty(0, 3, 16, 16), "empty calibration batch"),
                                            (torch.full((2, 3, 16, 16), float("nan")), "calibration input holds NaN or Inf")])
 def test_bad_calibration_batch_names_the_layer(calibration_model, batch, message):
-    with pytest.raises(ValueError, match=f"layer 'conv1': {message}"):
-        with torch.no_grad():
-            calibration_model(batch)
+    with pytest.raises(ValueError, match=f"layer 'conv1': {message}"), torch.no_grad():
+        calibration_model(batch)
 
 
 def test_save_model_rejects_a_foreign_onnx(tmp_path):
@@ -47,10 +46,9 @@ def test_save_model_rejects_a_foreign_onnx(tmp_path):
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "record.txt"
     target.write_text("old content")
-    with pytest.raises(RuntimeError):
-        with atomic_path(str(target)) as tmp, open(tmp, "w") as f:
-            f.write("half of the new")
-            raise RuntimeError("crash while writing")
+    with pytest.raises(RuntimeError), atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+        f.write("half of the new")
+        raise RuntimeError("crash while writing")
     assert target.read_text() == "old content"
     assert os.listdir(tmp_path) == ["record.txt"]  # no temporary file left behind
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SAMPLE_DIR
-from openamct import cli
-from openamct.data import ImageLoader, LabelledImages, Preprocess
-from openamct.parity import session
+
+from openamct.app import cli
+from openamct.app.data import ImageLoader, LabelledImages, Preprocess
+from openamct.onnx_export.parity import session
 
 IMAGES = SAMPLE_DIR / "images"
 SYNSETS = SAMPLE_DIR / "synsets.txt"
@@ -94,7 +94,7 @@ def labels_file(tiny_file, tmp_path_factory):
     """An AMCT image list of the first EVAL sample images, each labelled with the tiny model's FP32 top-1 class:
     the untrained model scores 0% on the real labels, so this way the accuracies say how often the quantized
     models keep the FP32 prediction."""
-    from openamct.models import load_model_file
+    from openamct.app.models import load_model_file
 
     dataset = LabelledImages(IMAGES, Preprocess(), labels=SYNSETS, limit=EVAL)
     images, _ = next(iter(ImageLoader(dataset, batch_size=EVAL)))
@@ -237,7 +237,7 @@ def test_bad_inputs_give_one_error_line_and_exit_code_2(tiny_file, in_tmp, capsy
 
 def test_console_script_exit_code_for_bad_input(tiny_file, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-m", "openamct.cli", "calibrate", "--model-file", f"{tiny_file}:build",
+    result = subprocess.run([sys.executable, "-m", "openamct", "calibrate", "--model-file", f"{tiny_file}:build",
                              "--images", str(tmp_path / "no_images")], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -270,9 +270,10 @@ def test_help_describes_every_option(capsys):
 def test_layer_errors_and_plot(tmp_path, monkeypatch):
     """report.py on the tiny model of the export tests: BN-folded names map to the fp32 BN outputs, isolated
     errors are per layer, and measuring does not disturb the calibration files."""
-    import openamct as amct
-    from openamct.report import layer_errors, plot_layer_errors, sqnr_db
     from tiny_models import ConvNet, convnet
+
+    import openamct as amct
+    from openamct.app.report import layer_errors, plot_layer_errors, sqnr_db
 
     monkeypatch.chdir(tmp_path)
     model, example = convnet(), ConvNet.example_input()

@@ -3,12 +3,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import ConvNet, convnet
 
 import openamct as amct
-from openamct.config import ActQuantParams, ConfigError, config_from_cfg, load_json
-from openamct.graph import inspect_model
-from openamct.record import read_record, write_record
-from tiny_models import ConvNet, convnet
+from openamct.amct.config_files import config_from_cfg, load_json, save_json
+from openamct.amct.record import read_record, write_record
+from openamct.core.capture import capture
+from openamct.core.config import ActQuantParams, ConfigError
+from openamct.core.layer import LayerRecord
 
 LAYERS = {"conv1": ("Conv2d",), "dw": ("Conv2d",), "pw": ("Conv2d",), "fc": ("Linear",)}
 
@@ -29,7 +31,8 @@ def test_create_quant_config_writes_amct_json(tmp_path):
                                                     "rounding": "gptq", "bias_correction": True}
     config = load_json(str(path), known_layers=LAYERS)
     assert config.enabled() == ["conv1", "dw", "pw"] and config.batch_num == 3
-    assert config.to_json() == data
+    save_json(config, str(tmp_path / "again.json"))  # the file round-trips through the core's config
+    assert json.loads((tmp_path / "again.json").read_text()) == data
 
 
 def test_unknown_skip_layer_lists_near_matches(tmp_path):
@@ -120,9 +123,8 @@ def test_create_quant_config_from_cfg(tmp_path):
 
 
 def test_record_round_trip(tmp_path):
-    entries = {"conv1": {"scale_d": 0.5, "offset_d": -128, "scale_w": [0.25, 0.125], "offset_w": [0, 0]},
-               "fc": {"scale_d": 0.1, "offset_d": 3, "scale_w": [0.01], "offset_w": [0], "scale_o": 0.2,
-                      "offset_o": -7}}
+    entries = {"conv1": LayerRecord(scale_d=0.5, offset_d=-128, scale_w=(0.25, 0.125), offset_w=(0, 0)),
+               "fc": LayerRecord(scale_d=0.1, offset_d=3, scale_w=(0.01,), offset_w=(0,), scale_o=0.2, offset_o=-7)}
     path = tmp_path / "record.txt"
     write_record(str(path), entries)
     text = path.read_text()
@@ -131,13 +133,14 @@ def test_record_round_trip(tmp_path):
     assert list(records) == ["conv1", "fc"]
     assert list(records["conv1"].scale_w) == [0.25, 0.125] and records["conv1"].offset_d == -128
     assert records["fc"].scale_o == pytest.approx(0.2) and records["fc"].offset_o == -7
+    assert records["conv1"] == entries["conv1"] and records["conv1"].scale_o is None  # float32-exact values
     path.write_text('record {\n  key: "conv1"\n  value { scale_x: 1 }\n}\n')
     with pytest.raises(ConfigError, match=r"record\.txt:3"):
         read_record(str(path))
 
 
 def test_inspect_finds_layers_bn_pairs_and_bounds():
-    info = inspect_model(convnet(), ConvNet.example_input())
+    info = capture(convnet(), ConvNet.example_input())
     assert list(info.layers) == ["conv1", "dw", "pw", "fc"]
     assert info.bn_pairs == {"conv1": "bn1", "dw": "bn2"}
     assert info.input_bounds == {"dw": (0.0, 6.0), "pw": (0.0, float("inf"))}
@@ -155,5 +158,5 @@ def test_bn_with_two_consumers_is_not_folded():
             y = self.conv(x)
             return self.bn(y) + y
 
-    info = inspect_model(TwoUses().eval(), torch.randn(1, 3, 4, 4))
+    info = capture(TwoUses().eval(), torch.randn(1, 3, 4, 4))
     assert info.bn_pairs == {} and "other consumers" in info.bn_not_folded["bn"]

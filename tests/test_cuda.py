@@ -5,13 +5,14 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import openamct as amct
-from openamct import retrain
-from openamct.record import read_record
 from test_export import run_flow
 from test_retrain import SAMPLE_CFG, batches
 from tiny_models import ConvNet, convnet
+
+import openamct as amct
+from openamct.amct.record import read_record
+from openamct.app import training
+from openamct.core import qat
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,8 +74,8 @@ def test_qat_on_cuda_trains_and_exports_with_parity(tmp_path):
     amct.create_quant_retrain_config("tmp/config.json", model, example, "retrain.cfg")
     qmodel = amct.create_quant_retrain_model("tmp/config.json", model, "tmp/record.txt", example)
     torch.manual_seed(0)
-    optimizer = torch.optim.Adam(retrain.parameter_groups(qmodel, 0.0), lr=1e-3)
-    losses = retrain.train(qmodel, batches(6), 6, optimizer, teacher=model, kd_weight=0.5, device="cuda")
+    optimizer = torch.optim.Adam(qat.parameter_groups(qmodel, 0.0), lr=1e-3)
+    losses = training.train(qmodel, batches(6), 6, optimizer, teacher=model, kd_weight=0.5, device="cuda")
     assert all(np.isfinite(losses))
     clips = [p for name, p in qmodel.named_parameters() if name.endswith("clip_max")]
     assert clips and all(p.is_cuda and p.grad is not None and p.grad.abs().sum() > 0 for p in clips)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_DIR
 from PIL import Image
 
-from conftest import SAMPLE_DIR
-from openamct.data import Accuracy, ImageLoader, LabelledImages, Preprocess, top1_gap, topk_hits
+from openamct.app.data import Accuracy, ImageLoader, LabelledImages, Preprocess, top1_gap, topk_hits
 
 SMALL = Preprocess(resize=32, crop=24)
 

@@ -7,12 +7,12 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import SAMPLE_DIR
 from torch import nn
 
-from conftest import SAMPLE_DIR
-from openamct.data import ImageLoader, LabelledImages
-from openamct.models import MODELS, ResNet101, efficientnet_lite0, load_model_file, resnet101
-from openamct.models.efficientnet_lite import Conv2dSame
+from openamct.app.data import ImageLoader, LabelledImages
+from openamct.app.models import MODELS, ResNet101, efficientnet_lite0, load_model_file, resnet101
+from openamct.app.models.efficientnet_lite import Conv2dSame
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,13 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from tiny_models import ConvNet, ExoticNet, convnet, exoticnet
 
 import openamct as amct
-from openamct.config import ConfigError
-from openamct.nuq import codebooks, load_packed, optimal_levels, pack, snap, unpack
-from openamct.record import read_record
-from tiny_models import ConvNet, ExoticNet, convnet, exoticnet
+from openamct.amct.record import read_record
+from openamct.core.algorithms.nuq import codebooks, optimal_levels, snap
+from openamct.core.config import ConfigError
+from openamct.onnx_export.packed import load_packed, pack, unpack
 
 
 def cost(counts, levels):
@@ -91,13 +92,14 @@ def test_output_weighting_protects_the_inputs_that_matter(tmp_path):
     layer = torch.nn.Linear(2, 4, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[0.11, 0.9], [0.52, -0.33], [-0.71, 0.26], [0.3, -0.95]]))
-    from openamct.config import WeightQuantParams
-    from openamct.modules import WeightQuantizer
+    from openamct.core.config import WeightQuantParams
+    from openamct.core.algorithms.nuq import fit_codebook
+    from openamct.core.quantizers import WeightQuantizer
     params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, channel_wise=False, codebook="layer")
     plain, weighted = WeightQuantizer(params, 0), WeightQuantizer(params, 0)
-    plain.fit_codebook(layer.weight, torch.ones(()))
-    weighted.fit_codebook(layer.weight, torch.tensor([100.0, 0.01]))  # per input channel, broadcast
-    error = lambda q: float(((q(layer.weight) - layer.weight)[:, 0] ** 2).sum())  # noqa: E731
+    fit_codebook(plain, layer.weight, torch.ones(()))
+    fit_codebook(weighted, layer.weight, torch.tensor([100.0, 0.01]))  # per input channel, broadcast
+    error = lambda q: float(((q(layer.weight) - layer.weight)[:, 0] ** 2).sum())
     assert error(weighted) < error(plain)
 
 
@@ -114,8 +116,9 @@ def correlated_layer(seed=0, out=16, inputs=24, samples=512):
 
 def nuq_output_error(rounds, codebook="layer", seed=0):
     """Output error of a GPTQ + NUQ-4 Linear layer on its calibration inputs, after `rounds` level refits."""
-    from openamct.config import ActQuantParams, LayerConfig, WeightQuantParams
-    from openamct.modules import ActQuantizer, QuantLayer
+    from openamct.core.config import ActQuantParams, LayerConfig, WeightQuantParams
+    from openamct.core.layer import QuantLayer
+    from openamct.core.quantizers import ActQuantizer
     layer, x = correlated_layer(seed)
     original = layer.weight.detach().clone()
     params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, num_of_iteration=rounds, codebook=codebook,
@@ -146,7 +149,7 @@ def test_level_refits_lower_the_output_error(codebook):
 
 
 def test_auto_codebook_per_channel_for_thin_layers_and_where_the_codebooks_are_cheap():
-    from openamct.nuq import per_channel_codebooks
+    from openamct.core.algorithms.nuq import per_channel_codebooks
     assert per_channel_codebooks("auto", (1000, 1280), 16)  # 16 bytes of levels for 640 bytes of indices
     assert per_channel_codebooks("auto", (480, 80, 1, 1), 16)  # thin: 80 weights a channel
     assert not per_channel_codebooks("auto", (1152, 192, 1, 1), 16)  # 16 bytes of levels for 96 bytes of indices
@@ -163,7 +166,7 @@ def test_auto_codebook_in_a_cfg(tmp_path):
 
 
 def test_size_rule_keeps_depthwise_and_thin_layers_uniform():
-    from openamct.config import nuq_size_rule
+    from openamct.core.algorithms.nuq import size_rule as nuq_size_rule
     assert nuq_size_rule((1000, 1280), 16) and nuq_size_rule((1152, 192, 1, 1), 16)
     assert not nuq_size_rule((1152, 1, 5, 5), 16)  # 25 weights a channel: a depthwise conv
     assert not nuq_size_rule((96, 16, 1, 1), 16) and not nuq_size_rule((8, 8), 16)
@@ -171,8 +174,8 @@ def test_size_rule_keeps_depthwise_and_thin_layers_uniform():
 
 def test_size_rule_wants_a_quarter_of_the_bytes_saved():
     """Thin layers need per-channel codebooks, which can eat the saving of the shorter indices."""
-    from openamct.config import nuq_size_rule
-    from openamct.nuq import index_bits
+    from openamct.core.algorithms.nuq import index_bits
+    from openamct.core.algorithms.nuq import size_rule as nuq_size_rule
     assert not nuq_size_rule((480, 80, 1, 1), 32)  # 80 x 5/8 bytes + 32 codebook bytes a channel: more than INT8
     assert nuq_size_rule((480, 80, 1, 1), 32, codebook="layer")  # one codebook: 5/8 of the bytes
     assert nuq_size_rule((80, 480, 1, 1), 32) and index_bits(32) == 5

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SAMPLE_DIR
-from openamct.models.resnet import ResNet101
+
+from openamct.app.models.resnet import ResNet101
 
 REPO = Path(__file__).parents[1]
 SAMPLE = REPO / "samples" / "resnet101"

@@ -1,16 +1,37 @@
 """openamct: AMCT-compatible model compression for PyTorch on any CPU or CUDA GPU.
 
 `import openamct as amct` gives AMCT's calls (create_quant_config, quantize_model, save_model; the QAT calls
-create_quant_retrain_config, create_quant_retrain_model, restore_quant_retrain_model, save_quant_retrain_model);
-the native API (quantize, prepare, calibrate, convert, export; openamct.retrain) sits underneath.
+create_quant_retrain_config, create_quant_retrain_model, restore_quant_retrain_model, save_quant_retrain_model).
+The native API sits underneath: default_config (with Rule), quantize, prepare, calibrate, convert, export; QAT in
+openamct.core.qat.
+
+Layout, each floor importing only those before it: core/ (configs, capture, simulation, quantizers, algorithms,
+native API) <- onnx_export/ (deploy and fake-quant ONNX, parity, NUQ packing) <- amct/ (AMCT's calls, files and
+log format) <- app/ (the CLI, data, models, reports, training loop).
 """
-from .amct import (create_quant_config, create_quant_retrain_config, create_quant_retrain_model, quantize_model,
-                   restore_quant_retrain_model, save_model, save_quant_retrain_model)
-from .api import calibrate, convert, default_config, export, prepare, quantize
-from .config import ActQuantParams, ConfigError, LayerConfig, QuantConfig, WeightQuantParams
+from .amct import (
+                   create_quant_config,
+                   create_quant_retrain_config,
+                   create_quant_retrain_model,
+                   quantize_model,
+                   restore_quant_retrain_model,
+                   save_model,
+                   save_quant_retrain_model,
+)
+from .core.api import calibrate, convert, default_config, prepare, quantize
+from .core.config import (
+                   ActQuantParams,
+                   ConfigError,
+                   LayerConfig,
+                   QuantConfig,
+                   Rule,
+                   WeightQuantParams,
+                   stem_depthwise_int8,
+)
+from .onnx_export import export
 
 __all__ = ["create_quant_config", "quantize_model", "save_model", "create_quant_retrain_config",
-           "create_quant_retrain_model", "restore_quant_retrain_model", "save_quant_retrain_model", "quantize", "prepare", "calibrate", "convert",
-           "export", "default_config", "QuantConfig", "LayerConfig", "ActQuantParams", "WeightQuantParams",
-           "ConfigError"]
+           "create_quant_retrain_model", "restore_quant_retrain_model", "save_quant_retrain_model", "quantize",
+           "prepare", "calibrate", "convert", "export", "default_config", "Rule", "stem_depthwise_int8",
+           "QuantConfig", "LayerConfig", "ActQuantParams", "WeightQuantParams", "ConfigError"]
 __version__ = "0.1.0"

@@ -17,10 +17,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from PIL import Image
+from resnet import resnet101
 
 import openamct as amct
-from openamct.data import Preprocess
-from resnet import resnet101
+from openamct.app.data import Preprocess
 
 PATH = os.path.realpath('./')
 IMG_DIR = os.path.join(PATH, 'data/images')
@@ -101,12 +101,12 @@ def batches(images, labels, batch_size, iterations):
 def report(total, hits1, hits5, iteration=None):
     """Print one batch's (or the final) accuracy as AMCT's sample does."""
     if iteration is not None:
-        print('****************iteration:{}*****************'.format(iteration))
-        print('top1_acc:{}'.format(hits1 / total))
-        print('top5_acc:{}'.format(hits5 / total))
+        print(f'****************iteration:{iteration}*****************')
+        print(f'top1_acc:{hits1 / total}')
+        print(f'top5_acc:{hits5 / total}')
     else:
-        print('******final top1:{}'.format(hits1 / total))
-        print('******final top5:{}'.format(hits5 / total))
+        print(f'******final top1:{hits1 / total}')
+        print(f'******final top5:{hits5 / total}')
 
 
 def model_forward(model, images, labels, batch_size, iterations):
@@ -147,7 +147,7 @@ def main(args):
         images, labels = get_labels_from_txt(LABEL_FILE)
         model = resnet101(pretrained=True)
     except (InputError, FileNotFoundError) as err:
-        print('[ERROR] {}'.format(err), file=sys.stderr)
+        print(f'[ERROR] {err}', file=sys.stderr)
         return 2
     images, labels = images[:BATCH_SIZE * ITERATIONS], labels[:BATCH_SIZE * ITERATIONS]
     model.eval()
@@ -170,7 +170,7 @@ def main(args):
             amct.create_quant_config(config_json_file, model, input_data, skip_layers, batch_num,
                                      config_defination=config_defination)
         except amct.ConfigError as err:
-            print('[ERROR] {}'.format(err), file=sys.stderr)
+            print(f'[ERROR] {err}', file=sys.stderr)
             return 2
     else:
         amct.create_quant_config(config_json_file, model, input_data, skip_layers, batch_num)
@@ -184,7 +184,7 @@ def main(args):
 
     # Step 4: calibration: batch_num batches of the test images (32 each, or fewer when there are under 64 images)
     if len(images) < batch_num:
-        print('[ERROR] calibration needs at least {} images, {} has {}'.format(batch_num, IMG_DIR, len(images)),
+        print(f'[ERROR] calibration needs at least {batch_num} images, {IMG_DIR} has {len(images)}',
               file=sys.stderr)
         return 2
     calibration_batch = min(BATCH_SIZE, -(-len(images) // batch_num))
@@ -200,8 +200,8 @@ def main(args):
     quant_top1, quant_top5 = onnx_forward('%s_%s' % (result_path, 'fake_quant_model.onnx'), images, labels,
                                           batch_size=BATCH_SIZE, iterations=ITERATIONS)
 
-    print('[INFO] ResNet101 before quantize top1:{:>10} top5:{:>10}'.format(ori_top1, ori_top5))
-    print('[INFO] ResNet101 after quantize  top1:{:>10} top5:{:>10}'.format(quant_top1, quant_top5))
+    print(f'[INFO] ResNet101 before quantize top1:{ori_top1:>10} top5:{ori_top5:>10}')
+    print(f'[INFO] ResNet101 after quantize  top1:{quant_top1:>10} top5:{quant_top5:>10}')
     return 0
 
 

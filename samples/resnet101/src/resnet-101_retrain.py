@@ -21,13 +21,14 @@ import torch
 import torch.backends.cudnn as cudnn
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from resnet import MODEL_FILE, WEIGHTS_URL, resnet101
 from torch import nn
 
 import openamct as amct
-from openamct import retrain
-from openamct.data import ImageLoader, LabelledImages, Preprocess, topk_hits
-from openamct.fileio import is_main_process
-from resnet import MODEL_FILE, WEIGHTS_URL, resnet101
+from openamct.app import training
+from openamct.app.data import ImageLoader, LabelledImages, Preprocess, topk_hits
+from openamct.core import qat
+from openamct.core.fileio import is_main_process
 
 PATH = os.path.realpath('./')
 OUTPUTS = os.path.join(PATH, 'outputs/retrain')
@@ -63,8 +64,8 @@ PARSER.add_argument('--dist_url', dest='dist_url', default='tcp://127.0.0.1:5001
                     help='url used to set up distributed training (default: tcp://127.0.0.1:50011)')
 PARSER.add_argument('--distributed', dest='distributed', action='store_true',
                     help='Use multi-processing distributed training: one process per visible GPU (nccl), or '
-                         '{} CPU processes (gloo) when no GPU is visible. Not needed under torchrun.'
-                    .format(CPU_PROCESSES))
+                         f'{CPU_PROCESSES} CPU processes (gloo) when no GPU is visible. Not needed under torchrun.'
+                    )
 
 
 class InputError(Exception):
@@ -75,25 +76,22 @@ def args_check(args):
     """Verify the validity of input parameters."""
     for name, path, what in (('--train_set', args.train_set, 'training'), ('--eval_set', args.eval_set, 'evaluation')):
         if path is None:
-            raise InputError('Must specify a {} dataset path: {} PATH (a folder of class sub-folders)'.format(
-                what, name))
+            raise InputError(f'Must specify a {what} dataset path: {name} PATH (a folder of class sub-folders)')
         if not os.path.isdir(path):
-            raise InputError('Must specify a valid {} dataset path: {} {} is not a folder'.format(
-                what, name, os.path.realpath(path)))
+            raise InputError(f'Must specify a valid {what} dataset path: {name} {os.path.realpath(path)} is not a folder')
     args.train_set = os.path.realpath(args.train_set)
     args.eval_set = os.path.realpath(args.eval_set)
     if args.config_defination is not None:
         if not os.path.isfile(args.config_defination):
-            raise InputError('--config_defination {} not found'.format(os.path.realpath(args.config_defination)))
+            raise InputError(f'--config_defination {os.path.realpath(args.config_defination)} not found')
         args.config_defination = os.path.realpath(args.config_defination)
     for name in ('batch_num', 'batch_size', 'train_iter'):
         if getattr(args, name) < 1:
-            raise InputError('--{} must be a positive integer, got {}'.format(name, getattr(args, name)))
+            raise InputError(f'--{name} must be a positive integer, got {getattr(args, name)}')
     if args.num_parallel_reads < 0 or args.print_freq < 0:
         raise InputError('--num_parallel_reads and --print_freq must not be negative')
     if not os.path.isfile(MODEL_FILE):
-        raise InputError('model file {} not found: download {} into {}/'.format(
-            os.path.realpath(MODEL_FILE), WEIGHTS_URL, os.path.realpath(os.path.dirname(MODEL_FILE))))
+        raise InputError(f'model file {os.path.realpath(MODEL_FILE)} not found: download {WEIGHTS_URL} into {os.path.realpath(os.path.dirname(MODEL_FILE))}/')
 
 
 def log(message):
@@ -138,8 +136,7 @@ def validate(val_loader, model, device, print_freq, iterations=None):
             top1, top5 = topk_hits(output.float(), target)
             total, hits1, hits5 = total + len(target), hits1 + top1, hits5 + top5
             if print_freq and (i + 1) % print_freq == 0 and iterations is None:
-                log('Test: [{}/{}]\tAcc@1 {:6.2f}\tAcc@5 {:6.2f}'.format(
-                    i + 1, len(val_loader), 100 * hits1 / total, 100 * hits5 / total))
+                log(f'Test: [{i + 1}/{len(val_loader)}]\tAcc@1 {100 * hits1 / total:6.2f}\tAcc@5 {100 * hits5 / total:6.2f}')
             if iterations is not None and i + 1 >= iterations:
                 break
     return 100 * hits1 / max(total, 1), 100 * hits5 / max(total, 1)
@@ -154,8 +151,7 @@ def validate_onnx(val_loader, onnx_model, print_freq):
         top1, top5 = topk_hits(output[0], target)
         total, hits1, hits5 = total + len(target), hits1 + top1, hits5 + top5
         if print_freq and (i + 1) % print_freq == 0:
-            print('Test: [{}/{}]\tAcc@1 {:6.2f}\tAcc@5 {:6.2f}'.format(
-                i + 1, len(val_loader), 100 * hits1 / total, 100 * hits5 / total))
+            print(f'Test: [{i + 1}/{len(val_loader)}]\tAcc@1 {100 * hits1 / total:6.2f}\tAcc@5 {100 * hits5 / total:6.2f}')
     return 100 * hits1 / max(total, 1), 100 * hits5 / max(total, 1)
 
 
@@ -195,7 +191,7 @@ def retrain_worker(device, distributed, gpu, args):
     try:
         train_loader, val_loader = create_data_loader(args, distributed)
     except InputError as err:
-        print('[ERROR] {}'.format(err), file=sys.stderr)
+        print(f'[ERROR] {err}', file=sys.stderr)
         return 2
 
     # Phase origin model accuracy.
@@ -206,8 +202,8 @@ def retrain_worker(device, distributed, gpu, args):
     # Step 2: accuracy of the FP32 model on the eval set.
     log("=> Validate pre-trained model 'resnet101'")
     ori_top1, ori_top5 = validate(val_loader, model, device, args.print_freq)
-    log('The origin model top 1 accuracy = {:.2f}%.'.format(ori_top1))
-    log('The origin model top 5 accuracy = {:.2f}%.'.format(ori_top5))
+    log(f'The origin model top 1 accuracy = {ori_top1:.2f}%.')
+    log(f'The origin model top 5 accuracy = {ori_top5:.2f}%.')
 
     # Phase retrain the model.
     # Step 1: the QAT config (rank 0 writes it, the others wait and read it).
@@ -218,7 +214,7 @@ def retrain_worker(device, distributed, gpu, args):
         amct.create_quant_retrain_config(config_file, model, get_input_data([(1, 3, SIZE, SIZE)], model),
                                          args.config_defination)
     except amct.ConfigError as err:
-        print('[ERROR] {}'.format(err), file=sys.stderr)
+        print(f'[ERROR] {err}', file=sys.stderr)
         return 2
     if distributed:
         dist.barrier()
@@ -233,14 +229,14 @@ def retrain_worker(device, distributed, gpu, args):
                                                     find_unused_parameters=True)
 
     # Step 3: train for train_iter steps: SGD with momentum, cross-entropy loss; the quantizer ranges get no decay.
-    optimizer = torch.optim.SGD(retrain.parameter_groups(qat_model, weight_decay=1e-4), args.learning_rate,
+    optimizer = torch.optim.SGD(qat.parameter_groups(qat_model, weight_decay=1e-4), args.learning_rate,
                                 momentum=0.9)
     log('=> training quantized model')
-    retrain.train(model, train_loader, args.train_iter, optimizer, device=device, print_freq=args.print_freq)
+    training.train(model, train_loader, args.train_iter, optimizer, device=device, print_freq=args.print_freq)
 
     # Step 4: eval mode over batch_num eval batches: this writes the quantization factors to the record file.
     validate(val_loader, model, device, args.print_freq, iterations=args.batch_num)
-    if not retrain.initialised(qat_model):
+    if not qat.initialised(qat_model):
         print('[ERROR] the activation ranges are not initialised: the first batch_num batches of the config '
               'initialise them; raise --train_iter', file=sys.stderr)
         return 2
@@ -263,8 +259,8 @@ def retrain_worker(device, distributed, gpu, args):
     print('=> validating fake quant model')
     quant_top1, quant_top5 = validate_onnx(val_loader, quantized_path + '_fake_quant_model.onnx', args.print_freq)
 
-    print('[INFO] ResNet101 before retrain top1:{:.2f}% top5:{:.2f}%'.format(ori_top1, ori_top5))
-    print('[INFO] ResNet101 after retrain top1:{:.2f}% top5:{:.2f}%'.format(quant_top1, quant_top5))
+    print(f'[INFO] ResNet101 before retrain top1:{ori_top1:.2f}% top5:{ori_top5:.2f}%')
+    print(f'[INFO] ResNet101 after retrain top1:{quant_top1:.2f}% top5:{quant_top5:.2f}%')
     return 0
 
 
@@ -281,7 +277,7 @@ def main(args):
         args_check(args)
         create_datasets(args)  # fail early, before any process is started
     except InputError as err:
-        print('[ERROR] {}'.format(err), file=sys.stderr)
+        print(f'[ERROR] {err}', file=sys.stderr)
         return 2
     cudnn.benchmark = True
 
@@ -296,8 +292,7 @@ def main(args):
             print('Using multi GPUs: DistributedDataParallel mode.')
         else:
             nprocs = CPU_PROCESSES
-            print('No GPU: DistributedDataParallel mode over {} CPU processes (gloo), this will be slow.'.format(
-                nprocs))
+            print(f'No GPU: DistributedDataParallel mode over {nprocs} CPU processes (gloo), this will be slow.')
         try:
             mp.spawn(spawned_worker, nprocs=nprocs, args=(nprocs, args))
         except mp.ProcessExitedException as err:

@@ -5,8 +5,8 @@ As in AMCT's sample, paths are relative to the working directory, which must be 
 """
 import os
 
-from openamct.models.resnet import WEIGHTS_URL, ResNet101
-from openamct.models.resnet import resnet101 as _resnet101
+from openamct.app.models.resnet import WEIGHTS_URL, ResNet101
+from openamct.app.models.resnet import resnet101 as _resnet101
 
 MODEL_DIR = 'model'
 MODEL_FILE = os.path.join(MODEL_DIR, os.path.basename(WEIGHTS_URL))  # model/resnet101-5d3b4d8f.pth

@@ -1,13 +1,15 @@
-"""AMCT-style logging: `amct_log/amct_pytorch.log` under the working directory, AMCT's line format.
+"""AMCT's log format: `amct_log/amct_pytorch.log` under the working directory, AMCT's line format.
 
-Console level from AMCT_LOG_LEVEL, file level from AMCT_LOG_FILE_LEVEL (debug|info|warning|error, default info),
-as AMCT does, so porting users keep their habits. Under torch.distributed only rank 0 writes the file. The file is opened lazily at the first message, so importing
-openamct never creates files.
+Attached to the core's `openamct` logger by the AMCT calls and the CLI (`install()`), not by the core, so a native
+user gets no log folder. Console level from AMCT_LOG_LEVEL, file level from AMCT_LOG_FILE_LEVEL
+(debug|info|warning|error, default info), as AMCT does, so porting users keep their habits. Under
+torch.distributed only rank 0 writes the file. The file is opened at the first message.
 """
 import logging
 import os
 
-from .fileio import is_main_process
+from ..core.fileio import is_main_process
+from ..core.log import logger
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - [AMCT]:[%(module_tag)s]: %(message)s"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -30,16 +32,16 @@ class _CwdFileHandler(logging.FileHandler):
     """Writes `amct_log/amct_pytorch.log` under the current working directory, created at the first record."""
 
     def __init__(self):
-        super().__init__(self._path(), mode="a", delay=True)
+        super().__init__(self.path(), mode="a", delay=True)
 
     @staticmethod
-    def _path() -> str:
+    def path() -> str:
         return os.path.join(os.getcwd(), "amct_log", "amct_pytorch.log")
 
     def emit(self, record):
         if not is_main_process():  # ranks > 0 log to the console only
             return
-        path = self._path()
+        path = self.path()
         if path != self.baseFilename:
             self.close()
             self.baseFilename = path
@@ -48,13 +50,17 @@ class _CwdFileHandler(logging.FileHandler):
         super().emit(record)
 
 
-def get_logger() -> logging.Logger:
-    logger = logging.getLogger("openamct")
-    if not logger.handlers:
+class _Console(logging.StreamHandler):
+    """AMCT's console handler (a class of its own, so the CLI can find it and quieten it)."""
+
+
+def install() -> logging.Logger:
+    """Attach AMCT's console and file handlers to the `openamct` logger (once)."""
+    if not any(isinstance(h, (_Console, _CwdFileHandler)) for h in logger.handlers):
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
         formatter = logging.Formatter(LOG_FORMAT)
-        console = logging.StreamHandler()
+        console = _Console()
         console.setLevel(_level("AMCT_LOG_LEVEL"))
         file_handler = _CwdFileHandler()
         file_handler.setLevel(_level("AMCT_LOG_FILE_LEVEL"))
@@ -65,18 +71,10 @@ def get_logger() -> logging.Logger:
     return logger
 
 
-def log(level: int, message: str, module: str = "Utils") -> None:
-    """Log `message` with AMCT's `[AMCT]:[<module>]` tag."""
-    get_logger().log(level, message, extra={"module_tag": module})
+def consoles() -> list:
+    """The console handlers `install()` attached."""
+    return [h for h in logger.handlers if isinstance(h, _Console)]
 
 
-def info(message: str, module: str = "Utils") -> None:
-    log(logging.INFO, message, module)
-
-
-def warning(message: str, module: str = "Utils") -> None:
-    log(logging.WARNING, message, module)
-
-
-def debug(message: str, module: str = "Utils") -> None:
-    log(logging.DEBUG, message, module)
+def log_path() -> str:
+    return _CwdFileHandler.path()

@@ -16,10 +16,10 @@ import math
 import torch
 from torch import nn
 
-from .export import float_copy
-from .fileio import atomic_path
-from .graph import inspect_model
-from .modules import QuantLayer
+from ..core.capture import capture
+from ..core.fileio import atomic_path
+from ..core.layer import QuantLayer
+from ..onnx_export.fused import float_copy
 
 
 def sqnr_db(reference: torch.Tensor, value: torch.Tensor) -> float:
@@ -71,7 +71,7 @@ def _references(fp32_model: nn.Module, qmodel: nn.Module, layers, batch) -> dict
     BatchNorm's output in the fp32 model.
     """
     first = tuple(t[:1] for t in _as_tuple(batch))
-    pairs = inspect_model(fp32_model, first).bn_pairs
+    pairs = capture(fp32_model, first).bn_pairs
     modules = dict(qmodel.named_modules())
     return {name: pairs[name] if isinstance(modules.get(pairs.get(name)), nn.Identity) else name for name in layers}
 

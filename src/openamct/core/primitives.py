@@ -3,6 +3,8 @@
 Convention (AMCT): q = clamp(round(x / scale) + offset, -2^(b-1), 2^(b-1) - 1), x ~ (q - offset) * scale.
 round is half-to-even, as in ONNX QuantizeLinear, so PyTorch and ONNX Runtime agree.
 """
+import math
+
 import torch
 
 FLT_EPSILON = 1.1920929e-07
@@ -99,3 +101,15 @@ def quantize_bias(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     if q.abs().max() > 2 ** 31 - 1:
         raise OverflowError("bias does not fit in INT32 at scale scale_d * scale_w")
     return q
+
+
+def observed_values(x: torch.Tensor, layer: str) -> tuple[torch.Tensor, float, float]:
+    """An observer's batch as flattened float data and its (min, max); NaN and Inf show up in min/max, which is
+    cheaper than isfinite."""
+    if x.numel() == 0:
+        raise ValueError(f"layer '{layer}': empty calibration batch")
+    x = x.detach().float().reshape(-1)
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"layer '{layer}': calibration input holds NaN or Inf values")
+    return x, lo, hi

@@ -4,7 +4,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from .modules import QuantLayer
+from ..core.layer import QuantLayer
 
 # relative max-abs difference (to the output's range) beyond which an exported model is said to diverge: a few
 # roundings flip where ONNX Runtime's float arithmetic differs from PyTorch's in the last bit, so not 0
@@ -96,3 +96,11 @@ def check(models: dict, mapping: dict, qmodel, inputs) -> dict:
             result["first_divergent_layer"] = first_divergent_layer(model, mapping, qmodel, inputs, TOLERANCE)
         report[kind] = result
     return report
+
+
+def describe(kind: str, result: dict) -> str:
+    """One line on an exported model's parity with the simulation (log, CLI summaries and benchmarks alike)."""
+    line = (f"{kind} model: max abs diff {result['max_abs_diff']:.4g} (relative {result['relative_diff']:.3g})")
+    if "top1_agreement" in result:
+        line += f", top-1 agreement {100 * result['top1_agreement']:.1f}%"
+    return line + ("  ok" if result["ok"] else f"  DIVERGES from layer {result.get('first_divergent_layer')}")

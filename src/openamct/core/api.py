@@ -1,6 +1,8 @@
-"""Native API: `quantize()` for the common case; `prepare` / `calibrate` / `convert` / `export` underneath.
+"""Native API: `quantize()` for the common case; `default_config` / `prepare` / `calibrate` / `convert` underneath
+(export to ONNX: openamct.onnx_export.export).
 
-    qmodel = openamct.quantize(model, openamct.default_config(model, x), lambda m: [m(b) for b in batches], x)
+    config = openamct.default_config(model, x, rules=[openamct.Rule(types="Linear", weight={"num_bits": 4})])
+    qmodel = openamct.quantize(model, config, lambda m: [m(b) for b in batches], x)
     openamct.export(qmodel, "out/model", x)   # out/model_deploy_model.onnx, out/model_fake_quant_model.onnx
 
 `prepare` returns a copy (the user's model is never changed): BN folded into convs, each quantizable layer wrapped
@@ -8,24 +10,28 @@ in a QuantLayer whose observers collect statistics on each forward. `convert` co
 parameters and turns the copy into the fake-quant simulation of the deployed INT8 model.
 """
 import copy
-import os
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from . import log
-from .config import LayerConfig, QuantConfig, check_names
-from .graph import inspect_model, fold_bn, set_module, weight_axis
-from .modules import ActQuantizer, QuantLayer, enter_simulation, exit_simulation
+from .capture import ModelInfo, capture, fold_bn, fusions, layer_groups, set_module, weight_axis
+from .config import LayerConfig, QuantConfig, Rule, apply_rules, check_names, check_nuq_types
+from .layer import QuantLayer
+from .quantizers import ActQuantizer
+from .simulation import enter_simulation, exit_simulation
 
 
-def default_config(model: nn.Module, input_data, *, skip_layers=(), batch_num: int = 1,
+def default_config(model: nn.Module, input_data, *, rules=(), skip_layers=(), batch_num: int = 1,
                    activation_offset: bool = True) -> QuantConfig:
-    """W8A8: per-channel ARQ weights, IFMR activations, every quantizable layer except `skip_layers`."""
-    info = inspect_model(model, input_data)
+    """W8A8 (per-channel ARQ weights with GPTQ and bias correction, IFMR activations) on every quantizable layer,
+    changed by `rules` (config.Rule, in order, later ones winning); `skip_layers` stay float."""
+    info = capture(model, input_data)
     check_names(skip_layers, info.layers, "skip_layers entry")
-    layers = {name: LayerConfig(quant_enable=name not in skip_layers) for name in info.layers}
+    rules = tuple(rules) + tuple(Rule(name, quant_enable=False) for name in skip_layers)
+    layers = apply_rules(LayerConfig(), rules, info.layers, layer_groups(info))
+    check_nuq_types(layers, info.layers)
     return QuantConfig(layers=layers, batch_num=batch_num, activation_offset=activation_offset)
 
 
@@ -33,23 +39,25 @@ def quant_layers(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
 
 
-def prepare(model: nn.Module, config: QuantConfig, input_data, *, make_quantizer=None,
-            make_layer=None) -> nn.Module:
+def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInfo | None = None,
+            make_quantizer=None, make_layer=None) -> nn.Module:
     """A calibration copy of `model`: BN folded, QuantLayers in place. Logs what is and is not quantized.
 
-    `make_quantizer(name, bounds)` and `make_layer(layer, name, input_quantizer, axis, output_quantizer)` build the
-    quantizers and layers (QAT passes learning ones); by default the PTQ ActQuantizer and QuantLayer."""
-    info = inspect_model(model, input_data, config.skip_fusion_layers, config.do_fusion)
+    `info`: the model's capture, when the caller already has it. `make_quantizer(name, bounds)` and
+    `make_layer(layer, name, input_quantizer, axis, output_quantizer)` build the quantizers and layers (QAT passes
+    learning ones); by default the PTQ ActQuantizer and QuantLayer."""
+    info = info or capture(model, input_data)
     check_names(config.layers, info.layers, "layer")
     check_names(config.skip_fusion_layers, info.layers, "skip_fusion_layers entry")
+    pairs, not_folded = fusions(info, config.do_fusion, config.skip_fusion_layers)
     qmodel = copy.deepcopy(model).eval()
-    for conv_name, bn_name in info.bn_pairs.items():
+    for conv_name, bn_name in pairs.items():
         if fold_bn(qmodel.get_submodule(conv_name), qmodel.get_submodule(bn_name)):
             set_module(qmodel, bn_name, nn.Identity())
             log.info(f"Fuse '{bn_name}' into '{conv_name}'.", "ConvBnFusion")
         else:
             log.warning(f"'{bn_name}' not fused into '{conv_name}': the result would not be finite.", "ConvBnFusion")
-    for bn_name, reason in info.bn_not_folded.items():
+    for bn_name, reason in not_folded.items():
         log.info(f"'{bn_name}' not fused: {reason}.", "ConvBnFusion")
     quantizers = {}  # tensor id -> its ActQuantizer, shared by every layer that reads or writes it
 
@@ -71,7 +79,7 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, make_quantizer
         quantizer(info.input_tensor[name], name, info.input_bounds.get(name))
     for name in enabled:
         layer = qmodel.get_submodule(name)
-        output = info.output_tensor[name]
+        output = info.bn_output[pairs[name]] if name in pairs else info.output_tensor[name]
         wants_output = output in info.adds
         wrapped = make_layer(layer, name, quantizers[info.input_tensor[name]], weight_axis(layer),
                              quantizer(output, name) if wants_output else None)
@@ -81,16 +89,21 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, make_quantizer
         qmodel.to(parameter.device)  # the new quantizer buffers follow the model
     qmodel.register_forward_pre_hook(enter_simulation)
     qmodel.register_forward_hook(exit_simulation, always_call=True)
-    _log_coverage(config, info)
+    _log_coverage(qmodel, config, info)
     return qmodel
 
 
-def _log_coverage(config: QuantConfig, info) -> None:
+def _log_coverage(qmodel: nn.Module, config: QuantConfig, info) -> None:
     enabled = config.enabled()
     total = len(info.layers) + len(info.skipped)
     log.info(f"Quantize {len(enabled)} of {total} layers with weights.", "Coverage")
+    layers = quant_layers(qmodel)
     for name, types in info.layers.items():
-        state = "quantized" if name in enabled else "skipped by config"
+        if name in layers:
+            steps = getattr(layers[name], "pipeline", ())  # QAT layers learn their weights instead
+            state = "quantized" + (f" (weights: {', '.join(steps)})" if layers[name].collects_statistics else "")
+        else:
+            state = "skipped by config"
         log.info(f"  {name} ({types[0]}): {state}", "Coverage")
     for name, reason in info.skipped.items():
         log.warning(f"  {name}: not quantized: {reason}", "Coverage")
@@ -123,31 +136,10 @@ def is_calibrated(qmodel: nn.Module) -> bool:
 
 
 def records(qmodel: nn.Module) -> dict:
+    """Layer name -> LayerRecord of a calibrated model."""
     return {name: layer.record() for name, layer in quant_layers(qmodel).items()}
 
 
 def quantize(model: nn.Module, config: QuantConfig, calibrate_fn, input_data) -> nn.Module:
     """prepare + calibrate: the calibrated simulation model (a copy; `model` is left as it was)."""
     return calibrate(prepare(model, config, input_data), calibrate_fn)
-
-
-def export(qmodel: nn.Module, save_path: str, input_data, *, input_names=None, output_names=None,
-           dynamic_axes=None, check: bool = True, record_file: str | None = None) -> dict:
-    """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` (plus the fused model, and the
-    record unless `record_file` names it, under `<dir>/tmp/`) and check their parity with `qmodel`; returns the
-    paths and the parity report."""
-    from .amct import save_quantized  # the AMCT layer owns the file flow; the native call reuses it
-    from .export import export_fused
-    from .record import write_record
-
-    if not is_calibrated(qmodel):
-        raise RuntimeError("export: the model is not calibrated; run calibrate()/convert() first")
-    directory = os.path.dirname(os.path.abspath(save_path))
-    fused = os.path.join(directory, "tmp", "modified_model.onnx")
-    record = record_file or os.path.join(directory, "tmp", "record.txt")
-    export_fused(qmodel, fused, input_data, input_names, output_names, dynamic_axes)
-    write_record(record, records(qmodel))
-    return save_quantized(fused, record, save_path, qmodel if check else None, input_data)
-
-
-__all__ = ["default_config", "prepare", "calibrate", "convert", "quantize", "export", "records", "is_calibrated"]

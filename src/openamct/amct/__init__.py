@@ -3,26 +3,34 @@ create_quant_retrain_config, create_quant_retrain_model, restore_quant_retrain_m
 (spec 2.2).
 
 `import openamct as amct` runs an AMCT calibration script unchanged. These calls are a thin file-based layer on
-the native API in api.py.
+the native core: they read and write AMCT's files (config JSON and .cfg, record, fused model) and log in AMCT's
+format (amct/amct_log.py); the work is the core's and onnx_export's.
 """
 import os
-import tempfile
 import weakref
 
-import numpy as np
 import torch
-from onnx import numpy_helper
 
-from . import log, nuq
-from . import retrain
-from .api import default_config, export, prepare, convert, quant_layers, records, is_calibrated
-from .config import (NUQ_TYPES, ConfigError, LayerConfig, QuantConfig, RetrainConfig, RetrainLayerConfig,
-                     config_from_cfg, load_json, load_retrain_json, nuq_size_rule, parse_cfg, retrain_config_from_cfg)
-from .export import build_quantized, export_fused, layer_codes, read_fused
-from .fileio import is_main_process, write_bytes, write_text
-from .graph import inspect_model
-from .modules import DATA_PARALLEL_UNSUPPORTED
-from .parity import check
+from ..core import log, qat
+from ..core.algorithms import nuq
+from ..core.api import convert, default_config, is_calibrated, prepare, quant_layers, records
+from ..core.capture import capture
+from ..core.config import NUQ_TYPES, ConfigError, LayerConfig, QuantConfig, RetrainConfig, RetrainLayerConfig
+from ..core.fileio import is_main_process, write_bytes, write_text
+from ..core.simulation import DATA_PARALLEL_UNSUPPORTED
+from ..onnx_export import export, write_models
+from ..onnx_export.fused import fused_model, read_fused
+from . import amct_log
+from .config_files import (
+    config_from_cfg,
+    flagged_names,
+    load_json,
+    load_retrain_json,
+    parse_cfg,
+    retrain_config_from_cfg,
+    save_json,
+    save_retrain_json,
+)
 from .record import read_record, write_record
 
 # calibration models by fused-model path, so save_model can check parity against the PyTorch simulation
@@ -32,19 +40,21 @@ _CALIBRATIONS = weakref.WeakValueDictionary()
 def create_quant_config(config_file, model, input_data, skip_layers=None, batch_num=1, activation_offset=True,
                         config_defination=None):
     """Write the per-layer JSON config for `model`; with `config_defination` (a .cfg) the other options come from it."""
+    amct_log.install()
     if config_defination:
-        info = inspect_model(model, input_data)
+        info = capture(model, input_data)
         config = config_from_cfg(config_defination, info.layers, _nuq_layers(config_defination, model, input_data, info))
     else:
         config = default_config(model, input_data, skip_layers=tuple(skip_layers or ()), batch_num=batch_num,
                                 activation_offset=activation_offset)
-    config.save(config_file)
+    save_json(config, config_file)
     log.info(f"Create quant config file {os.path.realpath(config_file)} success.", "Config")
 
 
 def _nuq_layers(cfg_path, model, input_data, info) -> set:
     """The layers a cfg's `nuq_config` applies to: those its ATC mapping file flags `_fe_weight_compress`
-    (matched by layer name or by the node name in our exported model), else Conv2d/Linear layers above a size."""
+    (matched by layer name or by the node name in our fused ONNX model), else Conv2d/Linear layers where NUQ pays
+    (algorithms/nuq.size_rule)."""
     message = parse_cfg(cfg_path)
     if not message.HasField("nuq_config"):
         return set()
@@ -54,20 +64,18 @@ def _nuq_layers(cfg_path, model, input_data, info) -> set:
     if not mapping_file:
         params = message.nuq_config.nuq_quantize
         chosen = {name for name, weight in weights.items()
-                  if nuq_size_rule(weight.shape, params.num_steps, params.codebook)}
+                  if nuq.size_rule(weight.shape, params.num_steps, params.codebook)}
         log.info(f"NUQ: no mapping_file, so the {len(chosen)} of {len(weights)} Conv2d/Linear layers where "
                  f"{params.num_steps} levels save at least a quarter of the INT8 weight bytes (codebooks counted) "
                  f"and that have {2 * params.num_steps} or more weights per output channel get non-uniform "
                  f"weights.", "NUQ")
         return chosen
     try:
-        flagged = nuq.flagged_names(mapping_file)
+        flagged = flagged_names(mapping_file)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    qmodel = prepare(model, QuantConfig(layers={name: LayerConfig() for name in info.layers}), input_data)
-    with tempfile.TemporaryDirectory() as tmp:
-        nodes = {name: entry["node"] for name, entry in
-                 export_fused(qmodel, os.path.join(tmp, "names.onnx"), input_data).items()}
+    qmodel = prepare(model, QuantConfig(layers={name: LayerConfig() for name in info.layers}), input_data, info=info)
+    nodes = {name: entry["node"] for name, entry in fused_model(qmodel, input_data)[1].items()}
     chosen = {name for name in weights if name in flagged or nodes.get(name) in flagged}
     if not chosen:
         raise ConfigError(f"{mapping_file}: flags no Conv2d/Linear layer of this model as compressible "
@@ -76,18 +84,22 @@ def _nuq_layers(cfg_path, model, input_data, info) -> set:
     return chosen
 
 
+# calibration models by fused-model path, so save_model can check parity against the PyTorch simulation
+_CALIBRATIONS = weakref.WeakValueDictionary()
+
+
 def _capture_sample(module, args):
     """Keep the first calibration batch (at most 16 samples, on CPU) for the export parity check."""
     if getattr(module, "openamct_sample", None) is None:
         module.openamct_sample = tuple(a[:16].detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _finish_when_done(record_file, batch_num, export_fused_model):
+def _finish_when_done(record_file, batch_num, write_fused):
     def hook(module, args, output):
         if not is_calibrated(module) and all(
                 layer.input_quantizer.batches_seen >= batch_num for layer in quant_layers(module).values()):
             convert(module)
-            export_fused_model(module)  # bias correction (and NUQ/GPTQ weights) changed the float layers
+            write_fused(module)  # bias correction (and NUQ/GPTQ weights) changed the float layers
             write_record(record_file, records(module))
             log.info(f"Calibration finished; record written to {os.path.realpath(record_file)}", "Calibration")
     return hook
@@ -96,88 +108,38 @@ def _finish_when_done(record_file, batch_num, export_fused_model):
 def quantize_model(config_file, modified_onnx_file, record_file, model, input_data, input_names=None,
                    output_names=None, dynamic_axes=None):
     """The calibration model. Run `batch_num` batches through it; the record is written after the last one."""
-    info = inspect_model(model, input_data)
+    amct_log.install()
+    info = capture(model, input_data)
     config = load_json(config_file, known_layers=info.layers)
-    qmodel = prepare(model, config, input_data)
-    def export_fused_model(module):
-        export_fused(module, modified_onnx_file, input_data, input_names, output_names, dynamic_axes)
+    qmodel = prepare(model, config, input_data, info=info)
 
-    export_fused_model(qmodel)
+    def write_fused(module):
+        fused, _ = fused_model(module, input_data, input_names, output_names, dynamic_axes)
+        write_bytes(modified_onnx_file, fused.SerializeToString())
+
+    write_fused(qmodel)
     write_text(record_file, "")
     qmodel.register_forward_pre_hook(_capture_sample)
-    qmodel.register_forward_hook(_finish_when_done(record_file, config.batch_num, export_fused_model))
+    qmodel.register_forward_hook(_finish_when_done(record_file, config.batch_num, write_fused))
     _CALIBRATIONS[os.path.realpath(modified_onnx_file)] = qmodel
     return qmodel
 
 
-def save_quantized(fused_path, record_file, save_path, qmodel=None, input_data=None) -> dict:
-    """Write the deploy and fake-quant models and check their parity (with `qmodel` when given)."""
-    records_ = read_record(record_file)
-    fused, mapping = read_fused(fused_path)
-    if not records_:
+def save_model(modified_onnx_file, record_file, save_path):
+    """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` from the fused model + record,
+    and check their parity with the calibration model of `modified_onnx_file` when it is still alive."""
+    amct_log.install()
+    layer_records = read_record(record_file)
+    fused, mapping = read_fused(modified_onnx_file)
+    if not layer_records:
         raise RuntimeError(f"save_model: record file {record_file} is empty: calibration has not finished "
                            f"(run batch_num batches through the model returned by quantize_model first)")
-    missing = sorted(set(mapping) - set(records_))
+    missing = sorted(set(mapping) - set(layer_records))
     if missing:
         raise RuntimeError(f"save_model: record file {record_file} has no entry for layers {missing}")
-    directory, prefix = os.path.split(save_path)
-    stem = f"{prefix}_" if prefix else ""
-    paths = {kind: os.path.join(directory or ".", f"{stem}{kind}_model.onnx") for kind in ("deploy", "fake_quant")}
-    models = {kind: build_quantized(fused, mapping, records_, deploy=kind == "deploy") for kind in paths}
-    for kind, path in paths.items():
-        write_bytes(path, models[kind].SerializeToString())
-        log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
-    report = {"paths": paths, "parity": None, "weight_bytes": _write_nuq(fused, mapping, records_, directory, stem,
-                                                                         paths)}
-    if qmodel is not None:
-        sample = getattr(qmodel, "openamct_sample", None) or (
-            input_data if isinstance(input_data, tuple) else (input_data,))
-        report["parity"] = check(models, mapping, qmodel, sample)
-        for kind, result in report["parity"].items():
-            message = (f"Parity of {kind} model with the PyTorch simulation: max abs diff "
-                       f"{result['max_abs_diff']:.4g} (relative {result['relative_diff']:.3g})")
-            if "top1_agreement" in result:
-                message += f", top-1 agreement {100 * result['top1_agreement']:.1f}%"
-            if result["ok"]:
-                log.info(message, "Parity")
-            else:
-                log.warning(message + f"; first divergent layer: {result['first_divergent_layer']}", "Parity")
-    return report
-
-
-def _write_nuq(fused, mapping, records_, directory, stem, paths) -> dict | None:
-    """For NUQ layers: write `<prefix>_nuq_weights.npz` (packed indices + codebooks) and log weight bytes."""
-    nuq_layers = [name for name in mapping if len(records_[name].nuq_levels)]
-    if not nuq_layers:
-        return None
-    inits = {i.name: i for i in fused.graph.initializer}
-    packed, table = {}, {}
-    for name, entry in mapping.items():
-        weight = numpy_helper.to_array(inits[entry["weight"]])
-        codes = layer_codes(entry, records_[name], weight).astype(np.int8)
-        if name in nuq_layers:
-            levels = np.asarray(records_[name].nuq_levels, dtype=np.int8).reshape(-1, entry["num_steps"])
-            packed[name] = nuq.pack(codes, levels if levels.shape[0] > 1 else levels[0])
-        table[name] = {"fp32": 4 * weight.size, "int8": weight.size,
-                       "nuq_packed": nuq.packed_bytes(packed[name]) if name in packed else weight.size}
-    path = os.path.join(directory or ".", f"{stem}nuq_weights.npz")
-    nuq.write_packed(path, packed)
-    paths["nuq_weights"] = path
-    log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
-    for name, row in table.items():
-        log.info(f"  {name}: weight bytes fp32 {row['fp32']}, int8 {row['int8']}, nuq packed {row['nuq_packed']}",
-                 "NUQ")
-    total = {key: sum(row[key] for row in table.values()) for key in ("fp32", "int8", "nuq_packed")}
-    log.info(f"Weight bytes of the quantized layers: fp32 {total['fp32']}, uniform int8 {total['int8']}, "
-             f"nuq packed {total['nuq_packed']} ({total['nuq_packed'] / total['int8']:.3f} of int8; "
-             f"{len(nuq_layers)} of {len(table)} layers NUQ)", "NUQ")
-    return {"layers": table, "total": total}
-
-
-def save_model(modified_onnx_file, record_file, save_path):
-    """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` from the fused model + record."""
     qmodel = _CALIBRATIONS.get(os.path.realpath(modified_onnx_file))
-    return save_quantized(modified_onnx_file, record_file, save_path, qmodel)
+    return write_models(fused, mapping, layer_records, save_path, qmodel,
+                        getattr(qmodel, "openamct_sample", None))
 
 
 # ---------------------------------------------------------------- QAT (retrain)
@@ -185,14 +147,15 @@ def save_model(modified_onnx_file, record_file, save_path):
 def create_quant_retrain_config(config_file, model, input_data, config_defination=None):
     """Write the QAT JSON config for `model`: every quantizable layer with ULQ activations and per-channel
     arq_retrain INT8 weights, or what the simple config `config_defination` (a retrain .cfg) says."""
+    amct_log.install()
     model = _unwrap(model)
-    info = inspect_model(model, input_data)
+    info = capture(model, input_data)
     if config_defination:
         config = retrain_config_from_cfg(config_defination, info.layers)
     else:
         config = RetrainConfig(layers={name: RetrainLayerConfig() for name in info.layers})
     if is_main_process():
-        config.save(config_file)
+        save_retrain_json(config, config_file)
     log.info(f"Create quant retrain config file {os.path.realpath(config_file)} success.", "Config")
 
 
@@ -209,7 +172,7 @@ def _write_record_after_eval(record_file):
     def hook(module, args, output):
         if module.training:
             module.openamct_record_stale = True
-        elif module.openamct_record_stale and retrain.initialised(module):
+        elif module.openamct_record_stale and qat.initialised(module):
             if is_main_process():
                 write_record(record_file, records(module))
             module.openamct_record_stale = False
@@ -220,10 +183,11 @@ def create_quant_retrain_model(config_file, model, record_file, input_data):
     """The QAT model for `model` (a copy; BN folded with frozen statistics). Train it; wrap it in
     DistributedDataParallel for multi-process training. Its first `batch_num` batches initialise the activation
     ranges (IFMR, averaged over the ranks); an eval-mode forward after training writes `record_file`."""
+    amct_log.install()
     model = _unwrap(model)
-    info = inspect_model(model, input_data)
+    info = capture(model, input_data)
     config = load_retrain_json(config_file, known_layers=info.layers)
-    qmodel = retrain.prepare_retrain(model, config, input_data)
+    qmodel = qat.prepare_retrain(model, config, input_data, info=info)
     if is_main_process():
         write_text(record_file, "")
     qmodel.openamct_record_stale = True
@@ -253,18 +217,20 @@ def save_quant_retrain_model(config_file, model, record_file, save_path, input_d
     """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` from the trained QAT model
     (rank 0 only), update `record_file`, and check parity. The model's train/eval mode is left as it was."""
     qmodel = _unwrap(model)
-    if not retrain.initialised(qmodel):
+    if not qat.initialised(qmodel):
         raise RuntimeError("save_quant_retrain_model: the model has not been trained yet (the activation ranges "
                            "are initialised on its first batch_num batches)")
     if not is_main_process():
         return None
+    amct_log.install()
     was_training = qmodel.training
     qmodel.eval()
     try:
         with torch.no_grad():  # an eval batch turns the learned ranges into the scales and offsets the record holds
             qmodel(*(input_data if isinstance(input_data, tuple) else (input_data,)))
+        write_record(record_file, records(qmodel))
         return export(qmodel, save_path, input_data, input_names=input_names, output_names=output_names,
-                      dynamic_axes=dynamic_axes, record_file=record_file)
+                      dynamic_axes=dynamic_axes)
     finally:
         qmodel.train(was_training)
 

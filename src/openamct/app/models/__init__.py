@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
-from openamct.data import Preprocess
-from openamct.models.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
-from openamct.models.resnet import ResNet101, resnet101
+from ..data import Preprocess
+from .efficientnet_lite import EfficientNetLite0, efficientnet_lite0
+from .resnet import ResNet101, resnet101
 
 __all__ = [
     "MODELS", "EfficientNetLite0", "ModelSpec", "ResNet101", "efficientnet_lite0", "load_model_file", "resnet101"

@@ -1,176 +1,19 @@
-"""ONNX export: the fused float model, then the deploy (INT8 QDQ) and fake-quant models built from it + the record.
+"""The deploy (INT8 QDQ) and fake-quant models, built from the fused float model and the layers' records.
 
-The fused model carries, in its metadata, which ONNX node computes which quantized layer, so `save_model` needs
-only the two files, as in AMCT. Deploy: QuantizeLinear/DequantizeLinear with uint8 activations, int8 weights and
-int32 biases, the pattern ONNX Runtime turns into QLinearConv / QGemm / MatMulInteger kernels. Fake-quant (AMCT's
+Deploy: QuantizeLinear/DequantizeLinear with uint8 activations, int8 weights and int32 biases, the pattern ONNX Runtime turns into QLinearConv / QGemm / MatMulInteger kernels. Fake-quant (AMCT's
 form, standard ops only): Div/Round/Add/Clip/Sub give integer codes, each layer runs on integer-valued weights and
 bias, and one division by 1 / (scale_d * scale_w) dequantizes its output; where that output (through ReLU/Clip)
 is quantized again, the codes come from the accumulator in one Mul, as QLinearConv requantizes. This is the
 arithmetic of the PyTorch simulation, step for step, so the two agree bit for bit.
 """
-import copy
-import hashlib
-import io
-import json
-import warnings
-
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
-from . import nuq
-from .fileio import write_bytes
-from .modules import QuantLayer
-from .primitives import qrange, range_implies_clip
+from ..core.algorithms import nuq
+from ..core.primitives import qrange, range_implies_clip
 
-META_KEY = "openamct.layers"
 OPSET = 17
-
-
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
-
-
-def float_copy(qmodel: torch.nn.Module) -> torch.nn.Module:
-    """The calibration model with every QuantLayer replaced by its (BN-folded) float layer, and without the
-    root hooks of the calibration model (copies of them would act as if the copy were the calibration model)."""
-    model = copy.deepcopy(qmodel)
-    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-        getattr(model, hooks).clear()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.layer)
-    return model
-
-
-def _fold_constants(graph: onnx.GraphProto) -> None:
-    """Evaluate every node whose inputs are all constants (e.g. the pad arithmetic of TF 'same' padding) into
-    initializers: shape arithmetic left in the graph blocks QDQ fusion and costs time at each inference."""
-    known = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    kept = []
-    for node in graph.node:
-        if node.op_type.startswith("Random") or not all(i in known or i == "" for i in node.input):
-            kept.append(node)
-            continue
-        inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(known[i].dtype), None)
-                  for i in node.input if i]
-        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
-        single = helper.make_model(helper.make_graph([node], "fold", inputs, outputs),
-                                   opset_imports=[helper.make_opsetid("", OPSET)])
-        values = ReferenceEvaluator(single).run(None, {i: known[i] for i in node.input if i})
-        known.update(zip(node.output, (np.asarray(v) for v in values)))
-    graph_outputs = {o.name for o in graph.output}
-    used = {i for node in kept for i in node.input} | graph_outputs
-    initial = {i.name for i in graph.initializer}
-    for name, value in known.items():
-        if name in used and name not in initial:
-            graph.initializer.append(numpy_helper.from_array(value, name))
-    del graph.node[:]
-    graph.node.extend(kept)
-
-
-def _fold_pads(graph: onnx.GraphProto) -> None:
-    """Fold constant zero Pad nodes into the following Conv's pads (TF 'same' padding), so QDQ sits next to Conv."""
-    inits = {i.name: i for i in graph.initializer}
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    consumers = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def value(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in consts:
-            return numpy_helper.to_array(consts[name].attribute[0].t)
-        return None
-
-    for pad in [n for n in graph.node if n.op_type == "Pad"]:
-        users = consumers.get(pad.output[0], [])
-        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
-        pads = value(pad.input[1]) if len(pad.input) > 1 else None
-        fill = value(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
-        if len(users) != 1 or users[0].op_type != "Conv" or mode != b"constant" or pads is None or fill is None \
-                or np.any(fill != 0) or (len(pad.input) > 3 and pad.input[3]):
-            continue
-        conv = users[0]
-        rank = len(pads) // 2
-        if np.any(pads[:2] != 0) or np.any(pads[rank:rank + 2] != 0) or np.any(pads < 0):
-            continue
-        attr = next((a for a in conv.attribute if a.name == "pads"), None)
-        spatial = rank - 2
-        old = list(attr.ints) if attr is not None else [0] * (2 * spatial)
-        new = [int(a) for a in pads[2:rank]] + [int(a) for a in pads[rank + 2:]]
-        merged = [o + n for o, n in zip(old, new)]
-        if attr is not None:
-            conv.attribute.remove(attr)
-        conv.attribute.append(helper.make_attribute("pads", merged))
-        conv.input[0] = pad.input[0]
-        graph.node.remove(pad)
-
-
-def export_fused(qmodel, path: str, input_data, input_names=None, output_names=None, dynamic_axes=None) -> dict:
-    """Export the BN-folded float model to `path` with the layer -> node map in its metadata; returns the map."""
-    model = float_copy(qmodel).eval()
-    layers = {name: m for name, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
-    args = input_data if isinstance(input_data, tuple) else (input_data,)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
-    onnx_model = onnx.load_from_string(buffer.getvalue())
-    _fold_constants(onnx_model.graph)
-    _fold_pads(onnx_model.graph)
-    digests = {}
-    for name, layer in layers.items():
-        weight = layer.layer.weight.detach().cpu().numpy()
-        digests.setdefault(_digest(weight), []).append((name, False))
-        if weight.ndim == 2:
-            digests.setdefault(_digest(weight.T), []).append((name, True))
-    inits = {i.name: i for i in onnx_model.graph.initializer}
-    mapping = {}
-    for node in onnx_model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
-            continue
-        init = inits.get(node.input[1])
-        if init is None:
-            continue
-        for name, transposed in digests.get(_digest(numpy_helper.to_array(init)), []):
-            if name in mapping:
-                continue
-            layer = layers[name]
-            if node.op_type in ("Conv", "ConvTranspose"):
-                axis = layer.axis
-            elif node.op_type == "Gemm":
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                axis = 0 if trans_b else 1
-            else:
-                axis = 1
-            mapping[name] = {"node": node.name, "op": node.op_type, "weight": node.input[1], "axis": axis,
-                             "act_bits": layer.input_quantizer.params.num_bits,
-                             "weight_bits": layer.weight_quantizer.params.num_bits,
-                             "num_steps": layer.weight_quantizer.params.num_steps}
-            break
-    missing = sorted(set(layers) - set(mapping))
-    if missing:
-        raise RuntimeError(f"could not find the ONNX nodes of layers {missing} in the exported model")
-    del onnx_model.metadata_props[:]
-    onnx_model.metadata_props.add(key=META_KEY, value=json.dumps(mapping))
-    write_bytes(path, onnx_model.SerializeToString())
-    return mapping
-
-
-def read_fused(path: str) -> tuple[onnx.ModelProto, dict]:
-    model = onnx.load(path)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if META_KEY not in meta:
-        raise ValueError(f"{path}: not a model written by openamct quantize_model (no '{META_KEY}' metadata)")
-    return model, json.loads(meta[META_KEY])
 
 
 def _channel_shape(array: np.ndarray, axis: int, n: int) -> tuple:
@@ -285,7 +128,7 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
             continue
         rec, node = records[layer], nodes[entry["node"]]
         tensors.setdefault(node.input[0], (f"{layer}.quant", rec.scale_d, rec.offset_d, entry["act_bits"]))
-        if rec.HasField("scale_o"):
+        if rec.scale_o is not None:
             tensors.setdefault(node.output[0], (f"{layer}.quant_out", rec.scale_o, rec.offset_o, entry["act_bits"]))
 
         scale_d = np.float32(rec.scale_d)

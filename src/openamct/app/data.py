@@ -49,7 +49,7 @@ class Preprocess:
         image = image.crop((left, top, left + self.crop, top + self.crop))
         return _normalised(image, self.mean, self.std)
 
-    def augment(self, scale: tuple[float, float] = (0.08, 1.0)) -> "Augment":
+    def augment(self, scale: tuple[float, float] = (0.08, 1.0)) -> Augment:
         """The training preprocessing that goes with this one (same crop size, normalisation, interpolation)."""
         return Augment(self.crop, self.mean, self.std, self.interpolation, scale)
 

@@ -1,8 +1,9 @@
-"""Model inspection without torch.fx: which layers can be quantized, which BNs fold, what bounds each input.
+"""Model capture without torch.fx: which layers can be quantized, which BNs fold, what bounds each input.
 
 One forward pass on the example input runs under a TorchFunctionMode that records, for every tensor, the
 function that produced it and how many functions consumed it. Module hooks tie tensors to module names.
-This works on models that FX cannot trace (data-dependent Python, EfficientNet-style padding).
+This works on models that FX cannot trace (data-dependent Python, EfficientNet-style padding). The capture does
+not depend on the config: one pass serves checking a config's names and building the calibration model.
 """
 import math
 from collections import Counter
@@ -49,9 +50,11 @@ class ModelInfo:
     skipped: dict = field(default_factory=dict)       # name -> reason it cannot be quantized
     bn_pairs: dict = field(default_factory=dict)      # conv name -> bn name (foldable)
     bn_not_folded: dict = field(default_factory=dict)  # bn name -> reason
+    depthwise: set = field(default_factory=set)      # names of the depthwise Conv2d layers
     input_bounds: dict = field(default_factory=dict)  # layer name -> (lo, hi) guaranteed by the producer
     input_tensor: dict = field(default_factory=dict)  # layer name -> id of its input tensor in the traced pass
-    output_tensor: dict = field(default_factory=dict)  # layer name -> id of its output (after a folded BN)
+    output_tensor: dict = field(default_factory=dict)  # layer name -> id of its output
+    bn_output: dict = field(default_factory=dict)     # foldable bn name -> id of its output
     adds: set = field(default_factory=set)           # ids of tensors that an elementwise add consumes
 
 
@@ -108,7 +111,7 @@ def _as_tuple(input_data):
     return input_data if isinstance(input_data, (tuple, list)) else (input_data,)
 
 
-def inspect_model(model: nn.Module, input_data, skip_fusion_layers=(), do_fusion: bool = True) -> ModelInfo:
+def capture(model: nn.Module, input_data) -> ModelInfo:
     """Run one forward pass and report quantizable layers, foldable BNs and input bounds."""
     info = ModelInfo()
     modules = dict(model.named_modules())
@@ -166,6 +169,8 @@ def inspect_model(model: nn.Module, input_data, skip_fusion_layers=(), do_fusion
                 info.skipped[name] = reason
             else:
                 info.layers[name] = type_names(module)
+                if isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels:
+                    info.depthwise.add(name)
         elif any(p.requires_grad for p in module.parameters(recurse=False)) and \
                 not isinstance(module, nn.modules.batchnorm._BatchNorm):
             info.skipped[name] = f"layer type {type(module).__name__} is not supported"
@@ -178,11 +183,7 @@ def inspect_model(model: nn.Module, input_data, skip_fusion_layers=(), do_fusion
             continue
         conv = modules[conv_name]
         reason = None
-        if not do_fusion:
-            reason = "do_fusion is false"
-        elif conv_name in skip_fusion_layers:
-            reason = f"'{conv_name}' is in skip_fusion_layers"
-        elif type(bn) is not _BN_FOR_CONV[next(c for c in _BN_FOR_CONV if isinstance(conv, c))]:
+        if type(bn) is not _BN_FOR_CONV[next(c for c in _BN_FOR_CONV if isinstance(conv, c))]:
             reason = "BatchNorm dimensionality differs from the conv's"
         elif not (bn.affine and bn.track_running_stats):
             reason = "BatchNorm without affine or running statistics"
@@ -196,7 +197,8 @@ def inspect_model(model: nn.Module, input_data, skip_fusion_layers=(), do_fusion
             info.bn_pairs[conv_name] = bn_name
     for name in info.layers:
         info.input_tensor[name] = calls[name][0]
-        info.output_tensor[name] = calls[info.bn_pairs[name]][1] if name in info.bn_pairs else calls[name][1]
+        info.output_tensor[name] = calls[name][1]
+    info.bn_output = {bn_name: calls[bn_name][1] for bn_name in info.bn_pairs.values()}
     info.adds = recorder.adds
     return info
 
@@ -221,18 +223,20 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-LAYER_GROUPS = ("first", "depthwise")
+def fusions(info: ModelInfo, do_fusion: bool = True, skip_fusion_layers=()) -> tuple[dict, dict]:
+    """(conv -> bn to fold, bn -> reason it is not folded) under the config's fusion options."""
+    pairs, not_folded = {}, dict(info.bn_not_folded)
+    for conv_name, bn_name in info.bn_pairs.items():
+        if not do_fusion:
+            not_folded[bn_name] = "do_fusion is false"
+        elif conv_name in skip_fusion_layers:
+            not_folded[bn_name] = f"'{conv_name}' is in skip_fusion_layers"
+        else:
+            pairs[conv_name] = bn_name
+    return pairs, not_folded
 
 
-def layer_groups(model: nn.Module, groups, input_data) -> list[str]:
-    """The quantizable layers of the named groups, in execution order: "first" (the first the input reaches, e.g.
-    the stem conv) and "depthwise" (Conv2d with one input channel per group). Low-bit schemes keep these at 8 bits:
-    they hold few weights and lose the most."""
-    unknown = sorted(set(groups) - set(LAYER_GROUPS))
-    if unknown:
-        raise ValueError(f"unknown layer groups {unknown}: choose from {', '.join(LAYER_GROUPS)}")
-    layers = list(inspect_model(model, input_data).layers)
-    modules = dict(model.named_modules())
-    return [name for i, name in enumerate(layers)
-            if ("first" in groups and i == 0) or ("depthwise" in groups and isinstance(m := modules[name], nn.Conv2d)
-                                                  and 1 < m.groups == m.in_channels)]
+def layer_groups(info: ModelInfo) -> dict:
+    """Group name -> layer names (config.LAYER_GROUPS): "first", the layer the input reaches first (the stem conv),
+    and "depthwise", Conv2d with one input channel per group."""
+    return {"first": set(list(info.layers)[:1]), "depthwise": set(info.depthwise)}

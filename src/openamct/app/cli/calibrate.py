@@ -1,0 +1,225 @@
+"""`openamct calibrate`: AMCT's post-training flow (create_quant_config -> quantize_model -> batch_num calibration
+batches -> save_model) in AMCT's sample layout under --output, then the FP32 model, the PyTorch simulation and the
+deploy ONNX model (ONNX Runtime) evaluated on the same images, a report and a per-layer error plot."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ... import amct
+from ...amct.amct_log import log_path
+from ...core.api import is_calibrated, quant_layers
+from ...core.fileio import write_text
+from ...onnx_export.parity import describe
+from ..data import ImageLoader
+from ..evaluation import OnnxPredictor, TorchPredictor, evaluate
+from ..report import layer_errors, plot_layer_errors
+from . import common
+
+LAYER_ERROR_IMAGES = 4  # images of the first calibration batch the per-layer SQNR is measured on
+
+
+def add_parser(commands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate", help="quantize a model on calibration images, export it to ONNX and compare accuracies",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize a model with AMCT's post-training flow and compare its accuracy before and after.\n\n"
+                    "Steps: create_quant_config (from --config, else default W8A8 with --skip-layers and "
+                    "--batch-num)\n-> quantize_model (BN folding, the fused ONNX model) -> calibration on the first "
+                    "batch_num x batch_size\nimages of --images -> save_model (deploy and fake-quant ONNX models) -> "
+                    "evaluation of the FP32 model,\nthe PyTorch simulation of the INT8 model and the deploy model "
+                    "(ONNX Runtime) on the evaluation\nimages (the first --eval images, by default all of them).",
+        epilog="outputs (NAME: --name, else the --model name or the FACTORY name; OUTPUT: --output, else "
+               "outputs/NAME):\n"
+               "  OUTPUT/tmp/config.json               per-layer quantization config (create_quant_config)\n"
+               "  OUTPUT/tmp/record.txt                scales and offsets of every quantized layer\n"
+               "  OUTPUT/tmp/modified_model.onnx       BN-folded float model (quantize_model)\n"
+               "  OUTPUT/NAME_deploy_model.onnx        INT8 QDQ model for deployment (ONNX Runtime, ATC)\n"
+               "  OUTPUT/NAME_fake_quant_model.onnx    float model simulating INT8 (same numbers as the deploy one)\n"
+               "  OUTPUT/quant_report.json             accuracies, parity, per-layer SQNR, paths and timings\n"
+               "  OUTPUT/layer_error.png               per-layer quantization error (SQNR in dB, on the first\n"
+               f"                                       {LAYER_ERROR_IMAGES} calibration images)\n"
+               "  ./amct_log/amct_pytorch.log          AMCT-format log of the run\n\n"
+               "example:\n"
+               "  openamct calibrate --model efficientnet_lite0 --images data/images --labels data/synsets.txt \\\n"
+               "      --batch-num 2 --batch-size 16 --eval 100\n\n"
+               "exit status: 0 done, 2 bad input (one error line on stderr), 1 internal error.")
+    common.model_arguments(calibrate, onnx=False)
+    calibrate.add_argument("--name", metavar="NAME",
+                           help="prefix of the exported files (default: the --model name or the FACTORY name)")
+    common.data_arguments(calibrate, eval_help="evaluate on the first N images; 0 skips the evaluation "
+                                         "(default: all images)", eval_min=0)
+    quant = calibrate.add_argument_group("quantization")
+    quant.add_argument("--output", metavar="DIR", help="output folder (default outputs/NAME)")
+    quant.add_argument("--config", metavar="FILE.cfg",
+                       help="AMCT simple config (protobuf text of calibration_config_pytorch.proto), passed as "
+                            "config_defination; its batch_num replaces --batch-num, and skip_layers go in it "
+                            "(not with --skip-layers)")
+    quant.add_argument("--batch-num", type=common.positive, default=8, metavar="N",
+                       help="calibration batches (default 8): the first N x --batch-size images calibrate")
+    quant.add_argument("--skip-layers", metavar="A,B", default="",
+                       help="comma-separated module names to keep in float (e.g. conv1,fc)")
+    common.device_argument(calibrate)
+    calibrate.set_defaults(func=run)
+
+
+def run(args) -> int:
+    start = time.perf_counter()
+    timings = {}
+    device = common.device(args.device)
+    skip_layers = [name.strip() for name in args.skip_layers.split(",") if name.strip()]
+    if skip_layers and args.config:
+        raise common.UsageError("--skip-layers cannot be combined with --config: list them as skip_layers in the .cfg")
+    if args.config and not os.path.isfile(args.config):
+        raise common.UsageError(f"--config: file not found: {args.config}")
+    preprocess_name = common.preprocess_name(args)
+    dataset = common.dataset(args, common.preprocessing(preprocess_name))
+    if not args.config:  # else the .cfg's batch_num counts: checked once the config is written
+        _check_calibration_images(dataset, args.batch_num, args)
+    with common.timed(timings, "load_model"):
+        model, model_name, input_shape = common.load_model(args)
+    name = args.name or model_name
+    output = Path(args.output or Path("outputs") / name)
+    tmp = output / "tmp"
+    config_file, record_file, fused_file = tmp / "config.json", tmp / "record.txt", tmp / "modified_model.onnx"
+    model.to(device)
+    input_data = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    with common.timed(timings, "quantize_model"):
+        amct.create_quant_config(str(config_file), model, input_data, skip_layers=skip_layers,
+                                 batch_num=args.batch_num, config_defination=args.config)
+        batch_num = json.loads(config_file.read_text())["batch_num"]
+        qmodel = amct.quantize_model(str(config_file), str(fused_file), str(record_file), model, input_data,
+                                     input_names=["input"], output_names=["output"],
+                                     dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
+    if not quant_layers(qmodel):
+        raise common.UsageError(f"{name}: no layer to quantize (every Conv/Linear layer is skipped or unsupported; see "
+                         f"{log_path()})")
+    _check_calibration_images(dataset, batch_num, args)
+
+    calibration = dataset.subset(0, batch_num * args.batch_size)
+    loader = ImageLoader(calibration, args.batch_size, args.workers)
+    sample, seen = None, 0
+    with common.timed(timings, "calibration"), torch.no_grad():
+        for images, _ in tqdm(loader, total=len(loader), desc="calibrating", unit="batch", dynamic_ncols=True):
+            if sample is None:
+                sample = images[:LAYER_ERROR_IMAGES]
+            qmodel(images.to(device))
+            seen += 1
+    skipped = list(loader.skipped)
+    calibration_skipped = len(skipped)
+    if not is_calibrated(qmodel):
+        raise common.UsageError(f"calibration got {seen} of {batch_num} batches ({len(skipped)} unreadable images "
+                         f"skipped): add images or lower --batch-num")
+
+    with common.timed(timings, "save_model"):
+        qmodel.cpu()  # save_model checks parity on CPU tensors
+        saved = amct.save_model(str(fused_file), str(record_file), str(output / name))
+        qmodel.to(device)
+
+    with common.timed(timings, "layer_errors"):
+        batch = sample.to(device)
+        errors = layer_errors(model, qmodel, batch)
+        isolated = layer_errors(None, qmodel, batch, isolated=True)
+        plot_file = plot_layer_errors(errors, str(output / "layer_error.png"), isolated=isolated,
+                                      title=f"{name}: per-layer quantization error (INT8 simulation vs FP32, "
+                                            f"{len(sample)} images)")
+
+    results = {}
+    if args.eval != 0:
+        evaluation = dataset.subset(0, args.eval) if args.eval else dataset
+        predictors = {"fp32": TorchPredictor(model, device), "simulation": TorchPredictor(qmodel, device),
+                      "deploy": OnnxPredictor(saved["paths"]["deploy"], args.threads or 0)}
+        with common.timed(timings, "evaluation"):
+            accuracy, seconds, top1, eval_skipped = evaluate(predictors, evaluation, args.batch_size, args.workers,
+                                                              "evaluating fp32, simulation, deploy")
+        skipped += [path for path in eval_skipped if path not in skipped]
+        timings.update({f"evaluation_{key}": round(value, 3) for key, value in seconds.items()})
+        agreement = float((top1["deploy"] == top1["simulation"]).mean()) if len(top1["deploy"]) else None
+        results = {"images": accuracy["fp32"].count,
+                   "accuracy": {key: {"top1": acc.top1, "top5": acc.top5} for key, acc in accuracy.items()},
+                   "top1_drop_points": {key: 100 * (accuracy["fp32"].top1 - accuracy[key].top1)
+                                        for key in ("simulation", "deploy")},
+                   "deploy_simulation_top1_agreement": agreement}
+    timings["total"] = round(time.perf_counter() - start, 3)
+
+    paths = {"config": str(config_file), "record": str(record_file), "modified_model": str(fused_file),
+             "deploy_model": saved["paths"]["deploy"], "fake_quant_model": saved["paths"]["fake_quant"],
+             "report": str(output / "quant_report.json"), "layer_error_plot": plot_file, "log": log_path()}
+    if "nuq_weights" in saved["paths"]:
+        paths["nuq_weights"] = saved["paths"]["nuq_weights"]
+    report = {"model": name, "source": args.model or args.model_file, "weights": args.weights,
+              "preprocess": preprocess_name, "device": str(device), "images": str(Path(args.images).resolve()),
+              "labels": args.labels, "quantized_layers": len(quant_layers(qmodel)),
+              "calibration": {"batch_num": batch_num, "batch_size": args.batch_size,
+                              "images": len(calibration) - calibration_skipped},
+              "evaluation": results, "skipped_images": skipped, "parity": saved["parity"],
+              "layer_sqnr_db": errors, "layer_sqnr_db_isolated": isolated, "weight_bytes": saved["weight_bytes"],
+              "paths": {key: os.path.abspath(value) for key, value in paths.items()}, "timings_s": timings}
+    write_text(paths["report"], json.dumps(common.json_safe(report), indent=2) + "\n")
+    _print_summary(report, args)
+    return 0
+
+
+def _print_summary(report, args) -> None:
+    out = []
+    calib = report["calibration"]
+    out.append(f"\n{report['model']}: {report['quantized_layers']} layers quantized to INT8, calibrated on "
+               f"{calib['batch_num']} x {calib['batch_size']} images ({report['device']})")
+    if report["weight_bytes"]:
+        total = report["weight_bytes"]["total"]
+        nuq_layers = sum(row["nuq_packed"] < row["int8"] for row in report["weight_bytes"]["layers"].values())
+        out.append(f"  NUQ on {nuq_layers} layers: weights {total['fp32']} B fp32, {total['int8']} B int8, "
+                   f"{total['nuq_packed']} B packed ({total['nuq_packed'] / total['int8']:.3f} of int8)")
+    if args.batch_num != calib["batch_num"] and args.config:
+        out.append(f"  (batch_num {calib['batch_num']} from {args.config} replaces --batch-num {args.batch_num})")
+    results = report["evaluation"]
+    if results:
+        seen = min(calib["images"], results["images"])  # both start at the first image
+        out.append(f"\nAccuracy on {results['images']} images (the first {seen} also calibrated: the weights and "
+                   f"ranges fit them best):" if seen else f"\nAccuracy on {results['images']} images:")
+        out.append(f"  {'model':<27}{'top-1':>8}{'top-5':>9}{'top-1 drop':>13}")
+        labels = {"fp32": "FP32 (PyTorch)", "simulation": "INT8 simulation (PyTorch)", "deploy": "INT8 deploy (ORT)"}
+        for key, label in labels.items():
+            acc = results["accuracy"][key]
+            drop = f"{results['top1_drop_points'][key]:>9.2f} pts" if key != "fp32" else ""
+            out.append(f"  {label:<27}{100 * acc['top1']:>7.2f}%{100 * acc['top5']:>8.2f}%{drop}")
+        if results["deploy_simulation_top1_agreement"] is not None:
+            out.append(f"  deploy and simulation agree on the top-1 class of "
+                       f"{100 * results['deploy_simulation_top1_agreement']:.1f}% of the images")
+    if report["parity"]:
+        out.append("\nParity with the PyTorch simulation (first calibration batch):")
+        out += [f"  {describe(kind, result)}" for kind, result in report["parity"].items()]
+    errors = {k: v for k, v in report["layer_sqnr_db"].items()}
+    if errors:
+        worst = sorted(errors, key=lambda k: errors[k])[:3]
+        out.append(f"\nPer-layer SQNR: median {np.median(list(errors.values())):.1f} dB; lowest: "
+                   + ", ".join(f"{k} {errors[k]:.1f} dB" for k in worst))
+    out.append("\nOutputs:")
+    labels = {"config": "quant config", "record": "record", "modified_model": "fused float model",
+              "deploy_model": "deploy model", "fake_quant_model": "fake-quant model", "report": "report",
+              "layer_error_plot": "layer error plot", "nuq_weights": "NUQ packed weights", "log": "log"}
+    for key, label in labels.items():
+        if key in report["paths"]:
+            out.append(f"  {label:<18} {report['paths'][key]}")
+    out.append(f"\nSkipped images: {len(report['skipped_images'])}")
+    for path in report["skipped_images"][:10]:
+        out.append(f"  {path}")
+    timings = report["timings_s"]
+    parts = [f"{key.replace('_', ' ')} {value:.1f} s" for key, value in timings.items()
+             if key != "total" and not key.startswith("evaluation_")]
+    out.append(f"Total time: {timings['total']:.1f} s ({', '.join(parts)})")
+    print("\n".join(out), flush=True)
+
+
+def _check_calibration_images(dataset, batch_num, args) -> None:
+    if len(dataset) <= (batch_num - 1) * args.batch_size:
+        raise common.UsageError(f"calibration needs {batch_num} batches of {args.batch_size} images, but {args.images} "
+                         f"has only {len(dataset)} images: lower --batch-num or --batch-size")

@@ -1,0 +1,80 @@
+"""The QAT training loop: optimizer steps over a loader with optional distillation from the FP32 model and mixup,
+a progress bar with the loss on rank 0. It trains any model; the QAT model comes from amct's
+create_quant_retrain_model or openamct.core.qat.prepare_retrain."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..core.fileio import is_main_process
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      weight: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """(1 - weight) * cross-entropy on the labels + weight * T^2 * KL(teacher || student) on softened logits
+    (Hinton et al. 2015): the FP32 model's outputs carry far more information per image than a label."""
+    hard = F.cross_entropy(logits, labels)
+    if weight == 0:
+        return hard
+    soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+    return (1 - weight) * hard + weight * soft
+
+
+def _loss(logits, teacher_logits, labels, kd_weight: float, temperature: float) -> torch.Tensor:
+    if teacher_logits is None:
+        return F.cross_entropy(logits, labels)
+    return distillation_loss(logits, teacher_logits, labels, kd_weight, temperature)
+
+
+def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, teacher: nn.Module | None = None,
+          kd_weight: float = 0.0, temperature: float = 1.0, mixup: float = 0.0, device=None, print_freq: int = 0,
+          log_fn=print) -> list[float]:
+    """Run `steps` optimizer steps over `loader` (cycled), with optional distillation from `teacher`; a progress
+    bar on rank 0 shows the loss and learning rate. Returns the loss of each step.
+
+    `mixup` > 0 trains on each batch blended with its reverse, lam * x + (1 - lam) * x[::-1], lam ~ Beta(mixup,
+    mixup); the label loss is blended alike and the teacher labels the blended images, so a few hundred images
+    give many distinct targets (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and
+    consistent")."""
+    if not mixup >= 0:
+        raise ValueError(f"mixup: expected alpha >= 0 (0: off), got {mixup}")
+    blend = torch.distributions.Beta(mixup, mixup) if mixup > 0 else None
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    losses, step, epoch = [], 0, 0
+    bar = tqdm(total=steps, desc="retrain", unit="step", disable=not is_main_process())
+    while step < steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        epoch += 1
+        for images, labels in loader:
+            if device is not None:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            lam = float(blend.sample()) if blend is not None else 1.0
+            if lam < 1.0:
+                images = lam * images + (1 - lam) * images.flip(0)
+            logits, teacher_logits = model(images), None
+            if teacher is not None and kd_weight > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+            loss = _loss(logits, teacher_logits, labels, kd_weight, temperature)
+            if lam < 1.0:  # the label loss blended as the images were
+                loss = lam * loss + (1 - lam) * _loss(logits, teacher_logits, labels.flip(0), kd_weight, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss.item())
+            step += 1
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.3g}")
+            bar.update()
+            if print_freq and step % print_freq == 0 and is_main_process():
+                log_fn(f"step {step}/{steps}: loss {losses[-1]:.4f}, lr {lr:.3g}")
+            if step >= steps:
+                break
+    bar.close()
+    return losses

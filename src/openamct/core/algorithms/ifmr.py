@@ -1,0 +1,107 @@
+"""AMCT's IFMR activation calibration: percentile bounds, then the clip (x search_range) of least quantization MSE.
+
+It streams: memory per layer is bounded whatever the number of batches. It keeps the exact extreme values (for the
+percentiles) and the data itself up to `max_samples` values, then a fixed-seed uniform subsample per batch, so small
+calibrations are exact (spec 4.3) and large ones stay within a few MB per layer.
+"""
+import math
+
+import numpy as np
+import torch
+
+from ..primitives import act_qparams, observed_values
+
+
+def _largest(x: torch.Tensor, k: int, sample: torch.Tensor) -> torch.Tensor:
+    """The k largest values of x, sorted; a threshold taken from `sample` avoids a topk over all of x."""
+    k = min(k, x.numel())
+    wanted = math.ceil(4 * k * sample.numel() / x.numel()) + 16
+    if sample.numel() < x.numel() and wanted < sample.numel():
+        candidates = x[x >= sample.topk(wanted).values[-1]]
+        if candidates.numel() >= k:
+            return candidates.topk(k).values
+    return x.topk(k).values
+
+
+def _sq_errors(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Summed squared error of quantizing v for each candidate (lo, hi, scale), the grid k * scale.
+
+    All candidates at once, in chunks of v: few large tensor ops, not one small op per candidate.
+    """
+    lo, hi, scale = (t.to(v.device, torch.float32)[:, None] for t in (lo, hi, scale))
+    total = torch.zeros(lo.shape[0], dtype=torch.float64, device=v.device)
+    for chunk in v.split(1 << 16):
+        total += ((torch.round(torch.clamp(chunk[None, :], lo, hi) / scale) * scale - chunk) ** 2).sum(1)
+    return total
+
+
+class IFMRObserver:
+    """AMCT's IFMR: percentile bounds, then the clip_max (x search_range) minimising quantization MSE."""
+
+    def __init__(self, params, asymmetric: bool, batch_num: int, layer: str = "", max_samples: int = 2 ** 19,
+                 tail: int = 4096):
+        self.params, self.asymmetric, self.batch_num, self.layer = params, asymmetric, batch_num, layer
+        self.budget = max(1, max_samples // batch_num)
+        self.tail = tail
+        self.samples: list[torch.Tensor] = []
+        self.top = self.bottom = None
+        self.count = 0
+        self._generator = torch.Generator().manual_seed(0)
+
+    def observe(self, x: torch.Tensor) -> None:
+        x, _, _ = observed_values(x, self.layer)
+        self.count += x.numel()
+        if x.numel() > self.budget:
+            sample = x[torch.randint(x.numel(), (self.budget,), generator=self._generator).to(x.device)]
+        else:
+            sample = x.clone()
+        self.samples.append(sample)
+        top, bottom = _largest(x, self.tail, sample), _largest(-x, self.tail, -sample)
+        self.top = top if self.top is None else self._merge(self.top, top)
+        self.bottom = bottom if self.bottom is None else self._merge(self.bottom, bottom)
+
+    def _merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([a, b])
+        return both.topk(min(self.tail, both.numel())).values
+
+    def _kth(self, extremes: torch.Tensor, percentile: float) -> float:
+        k = max(1, self.count - math.floor(percentile * self.count))
+        if k <= extremes.numel():
+            return float(extremes[k - 1])
+        data = torch.cat(self.samples)  # beyond the exact tail: the percentile of the (sub)sample
+        return float(data.quantile(percentile) if extremes is self.top else -data.quantile(1 - percentile))
+
+    def _loss_data(self):
+        """(sample, exact tails, sample weight) for estimating the summed quantization error of all the data.
+
+        The extremes are kept exactly, because rare outliers dominate the clipping error and a uniform
+        subsample misses them; the rest is the subsample, scaled up to the number of values it stands for.
+        """
+        data = torch.cat(self.samples)
+        if data.numel() == self.count:
+            return data, None, 1.0
+        hi, lo = float(self.top[-1]), -float(self.bottom[-1])
+        inner = data[(data < hi) & (data > lo)]
+        rest = self.count - self.top.numel() - self.bottom.numel()
+        return inner, torch.cat([self.top, -self.bottom]), rest / max(inner.numel(), 1)
+
+    def compute(self, bounds=(-math.inf, math.inf)) -> tuple[float, float]:
+        """Return (clip_min, clip_max); `bounds` is the range the producer guarantees (e.g. ReLU6: 0..6)."""
+        p = self.params
+        max_init = max(self._kth(self.top, p.max_percentile), 0.0)
+        min_init = min(-self._kth(self.bottom, p.min_percentile), 0.0)
+        max_init, min_init = min(max_init, bounds[1]), max(min_init, bounds[0])
+        if not self.asymmetric:
+            max_init = max(max_init, -min_init)
+        data, tails, weight = self._loss_data()
+        start, end = p.search_range
+        clip_max = torch.tensor([min(max_init * float(r), bounds[1]) for r in np.arange(start, end, p.search_step)],
+                                dtype=torch.float64)
+        clip_min = torch.full_like(clip_max, min_init) if self.asymmetric else -clip_max
+        scale = torch.tensor([act_qparams(a, b, p.num_bits, self.asymmetric)[0]
+                              for a, b in zip(clip_min.tolist(), clip_max.tolist())])
+        loss = _sq_errors(data, clip_min, clip_max, scale) * weight
+        if tails is not None:
+            loss += _sq_errors(tails, clip_min, clip_max, scale)
+        clip_max = float(clip_max[int(torch.argmin(loss))])
+        return (min_init if self.asymmetric else -clip_max), clip_max

@@ -1,0 +1,240 @@
+"""The quantized layer of a calibration/simulation model: a float layer plus its quantizers, the statistics its
+weight algorithms need, and the pipeline that runs them after calibration.
+
+While calibrating, a layer records each input channel's mean and mean square (bias correction, NUQ's level fit)
+and, where GPTQ runs, the Hessian of its kernel's input. `finish_weights` then runs the weight algorithms that
+`weight_pipeline` names for the layer's config, in order, each a function of algorithms/; the chosen weights
+replace the float ones. Once calibrated, the layer computes as the deployed model does (`_integer_forward`).
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .algorithms import gptq, nuq
+from .algorithms.bias_correction import correct_bias
+from .algorithms.scale_refit import refit_scales
+from .config import LayerConfig
+from .primitives import channel_view, quantize_bias
+from .quantizers import ActQuantizer, WeightQuantizer
+from .simulation import _ACTIVE, Accumulator
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A calibrated layer's quantization parameters: what the record file holds and the exported models use.
+    `scale_o`/`offset_o`: the output's, where it feeds an elementwise add; `nuq_levels`: the NUQ codebook(s)."""
+    scale_d: float
+    offset_d: int
+    scale_w: tuple
+    offset_w: tuple
+    scale_o: float | None = None
+    offset_o: int | None = None
+    nuq_levels: tuple = ()
+
+
+def weight_pipeline(config: LayerConfig, layer: nn.Module, axis: int) -> tuple[str, ...]:
+    """The weight algorithms (WEIGHT_STEPS) a layer runs after calibration, in order:
+    - nuq_codebook: NUQ levels of least output error for the nearest-rounded codes;
+    - gptq: the weights chosen on the grid (and codebook) for least output error (Linear, Conv2d, depthwise);
+    - scale_refit: below 8 bits, each channel's scale refitted to GPTQ's codes (at 8 bits it does not pay);
+    - nuq_level_refit: NUQ levels refitted to GPTQ's choice, alternating with GPTQ `num_of_iteration` times,
+      keeping the best (not for depthwise convs: a channel has too few weights to refit levels from);
+    - bias_correction: the output-mean shift of weight quantization removed from the bias."""
+    params = config.weight
+    steps = ["nuq_codebook"] if params.nuq else []
+    if params.rounding == "gptq" and gptq.supported(layer):
+        steps.append("gptq")
+        if params.num_bits < 8:
+            steps.append("scale_refit")
+        if params.nuq and params.num_of_iteration and not gptq.is_depthwise(layer):
+            steps.append("nuq_level_refit")
+    if params.bias_correction and axis == 0:
+        steps.append("bias_correction")
+    return tuple(steps)
+
+
+class _WeightJob:
+    """What the weight algorithms of one layer work on: the float weight, its quantizer, the calibration
+    statistics, and `chosen`, the weights chosen so far (None: nearest rounding of the float weight)."""
+
+    def __init__(self, layer: nn.Module, quantizer: WeightQuantizer, mean, power, hessian):
+        self.layer, self.quantizer = layer, quantizer
+        self.weight = layer.weight
+        self.original = self.weight.detach().clone()
+        self.mean, self.power, self.hessian = mean, power, hessian
+        self.chosen = None
+
+    def per_weight(self, channel_values: torch.Tensor) -> torch.Tensor:
+        """Per-input-channel values laid out as the weight's [out, in per group]."""
+        groups = getattr(self.layer, "groups", 1)
+        per_group = channel_values.reshape(groups, -1)
+        return per_group.repeat_interleave(self.weight.shape[0] // groups, dim=0)
+
+    def metric(self) -> torch.Tensor:
+        """The Hessian the output error is measured with: ridged for a dense layer, as is for a depthwise one."""
+        return self.hessian if self.hessian.dim() == 3 else gptq.ridged(self.hessian, 0.01)
+
+
+def _nuq_codebook(job: _WeightJob) -> None:
+    per_weight = job.per_weight(job.power)
+    nuq.fit_codebook(job.quantizer, job.weight,
+                     per_weight.reshape(per_weight.shape + (1,) * (job.weight.dim() - 2)))
+
+
+def _gptq(job: _WeightJob) -> None:
+    job.quantizer.fixed_scales = job.quantizer.scales(job.weight)  # GPTQ's weights must not move their scales
+    solve = gptq.gptq_depthwise if job.hessian.dim() == 3 else gptq.gptq
+    job.chosen = solve(job.weight, job.hessian, job.quantizer)
+
+
+def _scale_refit(job: _WeightJob) -> None:
+    job.chosen = refit_scales(job.weight, job.chosen, job.metric(), job.quantizer)
+
+
+def _nuq_level_refit(job: _WeightJob) -> None:
+    quantizer, metric = job.quantizer, job.metric()
+    rounding = [WEIGHT_STEPS[step] for step in ("gptq", "scale_refit") if step in job.pipeline]
+    best = None
+
+    def keep():
+        nonlocal best
+        delta = (job.chosen - job.weight).detach().double().reshape(job.weight.shape[0], -1)
+        error = float(torch.einsum("oi,ij,oj->", delta, metric, delta))  # the layer's output error
+        if best is None or error < best[0]:
+            best = (error, job.chosen, quantizer.levels, quantizer.table, quantizer.fixed_scales)
+
+    keep()
+    for _ in range(quantizer.params.num_of_iteration):
+        job.chosen = nuq.refit_levels(job.weight, job.chosen, job.hessian, quantizer)
+        keep()
+        for step in rounding:
+            step(job)
+        keep()
+    _, job.chosen, quantizer.levels, quantizer.table, quantizer.fixed_scales = best
+
+
+def _bias_correction(job: _WeightJob) -> None:
+    weight = job.weight if job.chosen is None else job.chosen
+    correct_bias(job.layer, job.quantizer(weight), job.original, job.per_weight(job.mean))
+
+
+WEIGHT_STEPS = {"nuq_codebook": _nuq_codebook, "gptq": _gptq, "scale_refit": _scale_refit,
+                "nuq_level_refit": _nuq_level_refit, "bias_correction": _bias_correction}
+
+
+class QuantLayer(nn.Module):
+    """`layer` (BN already folded) run on fake-quantized input and weights through its own forward.
+
+    `output_quantizer` is set when the output feeds an elementwise add: quantizing it lets the runtime run both
+    the layer and the add on integers.
+    """
+
+    collects_statistics = True  # input moments and GPTQ's Hessian for finish_weights (QAT: not needed)
+
+    def __init__(self, layer: nn.Module, config: LayerConfig, input_quantizer: ActQuantizer, name: str, axis: int,
+                 output_quantizer: ActQuantizer | None = None):
+        super().__init__()
+        self.layer, self.name, self.axis = layer, name, axis
+        self.input_quantizer = input_quantizer
+        self.weight_quantizer = WeightQuantizer(config.weight, axis)
+        self.output_quantizer = output_quantizer
+        self.pipeline = weight_pipeline(config, layer, axis)
+        self.input_moments = None  # running sums of each input channel's mean and mean square
+        self.hessian = None  # GPTQ: running sum of E[x x^T] over the weight's columns
+        self._batches = 0
+
+    def __getattr__(self, name):
+        """Attributes the wrapped layer has (in_features, stride, ...) read through, so model code that uses them
+        keeps working after the swap."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+    def _observe(self, x: torch.Tensor, call: dict | None) -> None:
+        channel_dim = -1 if isinstance(self.layer, nn.Linear) else 1
+        dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
+        x = x.detach().float()
+        moments = torch.stack([x.mean(dims), x.pow(2).mean(dims)])
+        self.input_moments = moments if self.input_moments is None else self.input_moments + moments
+        self._batches += 1
+        if "gptq" in self.pipeline:
+            hessian = gptq.hessian(self.layer, x, call)
+            self.hessian = hessian if self.hessian is None else self.hessian + hessian
+
+    def finish_weights(self) -> None:
+        """After calibration: run the weight pipeline on the statistics and keep the chosen weights."""
+        if self.input_moments is None:
+            return
+        mean, power = (self.input_moments / self._batches).to(self.layer.weight.device)
+        hessian = self.hessian / self._batches if self.hessian is not None else None
+        self.input_moments = self.hessian = None
+        job = _WeightJob(self.layer, self.weight_quantizer, mean, power, hessian)
+        job.pipeline = self.pipeline
+        for step in self.pipeline:
+            WEIGHT_STEPS[step](job)
+        if job.chosen is not None:
+            with torch.no_grad():
+                self.layer.weight.copy_(job.chosen)
+
+    def forward(self, x):
+        if not self.input_quantizer.calibrated:
+            xq = self.input_quantizer(x)
+            weights = {"weight": self.weight_quantizer(self.layer.weight)}
+            if self.collects_statistics:
+                with gptq.KernelInput() as kernel:
+                    y = functional_call(self.layer, weights, (xq,))
+                self._observe(x, kernel.call)
+            else:
+                y = functional_call(self.layer, weights, (xq,))
+        else:
+            y = self._integer_forward(self.input_quantizer(x))
+        return self.output_quantizer(y) if self.output_quantizer is not None else y
+
+    def _integer_forward(self, xq: torch.Tensor) -> torch.Tensor:
+        """The layer on integer codes, then one division by 1 / (scale_d * scale_w), the accumulator scale.
+
+        This is the deployed arithmetic: the conv of small integers is exact in float32, so the fake-quant ONNX
+        model (which does the same) agrees with this simulation bit for bit, and the bias is added as the INT32
+        codes QLinearConv adds. Gradients pass straight through the roundings.
+        """
+        scale = self.input_quantizer.scale
+        codes = xq / scale
+        codes = codes + (torch.round(codes) - codes).detach()
+        scale_w = self.weight_scales().to(xq.device)
+        weight = self.layer.weight
+        weight_codes = weight / channel_view(scale_w, weight.dim(), self.axis)
+        weight_codes = weight_codes + (self.weight_quantizer.codes(weight, scale_w) - weight_codes).detach()
+        grid = scale * scale_w
+        bias = self.layer.bias
+        if bias is not None:
+            bias = bias / grid
+            bias = bias + (quantize_bias(self.layer.bias, grid) - bias).detach()
+        acc = functional_call(self.layer, {"weight": weight_codes, "bias": bias}, (codes,))
+        channel_axis = acc.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
+        inverse = 1.0 / grid  # divided by, as the fake-quant ONNX model does (see export.build_quantized)
+        y = acc / (channel_view(inverse, acc.dim(), channel_axis) if inverse.numel() > 1 else inverse)
+        if _ACTIVE:
+            _ACTIVE[-1].put_accumulator(y, Accumulator(acc, grid, channel_axis))
+        return y
+
+    def weight_scales(self) -> torch.Tensor:
+        """scale_w as deployed: the quantizer's, raised where the INT32 bias on the grid scale_d * scale_w would
+        overflow (channels whose weights BN folding made all but zero, whose codes are 0 either way)."""
+        scale_w = self.weight_quantizer.scales(self.layer.weight).detach()
+        if self.layer.bias is None:
+            return scale_w
+        floor = self.layer.bias.detach().abs().to(scale_w) / (float(self.input_quantizer.scale) * 2 ** 30)
+        return torch.maximum(scale_w, floor if scale_w.numel() > 1 else floor.max())
+
+    def record(self) -> LayerRecord:
+        scale_w = self.weight_scales().cpu()
+        output = self.output_quantizer
+        levels = self.weight_quantizer.levels
+        return LayerRecord(scale_d=float(self.input_quantizer.scale), offset_d=int(self.input_quantizer.offset),
+                           scale_w=tuple(scale_w.tolist()), offset_w=(0,) * scale_w.numel(),
+                           scale_o=float(output.scale) if output is not None else None,
+                           offset_o=int(output.offset) if output is not None else None,
+                           nuq_levels=tuple(int(v) for v in levels.ravel()) if levels is not None else ())

@@ -1,0 +1,128 @@
+"""The simulation's tensor flow: one forward of the simulation model runs under a mode that hands quantized values
+to every consumer and tracks integer accumulators.
+
+Quantization is per tensor, as in the deployed graph: one ActQuantizer per quantized tensor, shared by every
+layer that reads it. While the simulation runs, a QuantizedValues mode hands the quantized value of a tensor to
+*every* consumer (a residual add as well as the next conv), which is what the deploy model's single
+QuantizeLinear/DequantizeLinear pair on that tensor does, so the simulation and the exported models agree.
+
+The mode also follows each quantized layer's output through ReLU/ReLU6/clamp to the quantizer that reads it, so
+that quantizer can requantize the layer's integer accumulator in one step, acc * (scale_d * scale_w / scale), as
+integer runtimes do (ONNX Runtime's QLinearConv): the deployed integers then equal the simulation's, instead of
+differing by one in the rare values that the two float roundings of dequantize-then-quantize put on the other
+side of a rounding boundary (differences that grow through a deep network).
+"""
+import math
+import weakref
+from dataclasses import dataclass, replace
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from .capture import clip_bounds
+from .primitives import channel_view, fake_quant, qrange, range_implies_clip, round_ste
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """A quantized layer's output as its integer accumulator: output = clamp(acc * grid, low, high), with `grid`
+    (scale_d * scale_w, per channel along `axis`) and the clipping of the activations it has passed through."""
+    acc: torch.Tensor
+    grid: torch.Tensor
+    axis: int
+    low: float = -math.inf
+    high: float = math.inf
+
+
+class QuantizedValues(TorchFunctionMode):
+    """During one forward of the simulation: replaces each quantized tensor by its quantized value in every op,
+    and tracks which tensors are a quantized layer's (clipped) accumulator."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = {}  # id(float tensor) -> (weakref to it, quantized tensor)
+        self.accumulators = {}  # id(float tensor) -> (weakref to it, Accumulator)
+
+    def put(self, x: torch.Tensor, xq: torch.Tensor) -> None:
+        self.values[id(x)] = (weakref.ref(x), xq)
+
+    def get(self, x: torch.Tensor):
+        entry = self.values.get(id(x))
+        return entry[1] if entry is not None and entry[0]() is x else None
+
+    def _swap(self, t):
+        if isinstance(t, torch.Tensor):
+            quantized = self.get(t)
+            if quantized is not None:
+                return quantized
+        return t
+
+    def put_accumulator(self, y: torch.Tensor, source: Accumulator) -> None:
+        self.accumulators[id(y)] = (weakref.ref(y), source)
+
+    def accumulator(self, x: torch.Tensor) -> Accumulator | None:
+        entry = self.accumulators.get(id(x))
+        return entry[1] if entry is not None and entry[0]() is x else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*tree_map(self._swap, args), **tree_map(self._swap, kwargs))
+        source = self.accumulator(args[0]) if self.accumulators and args and isinstance(args[0], torch.Tensor) \
+            else None
+        if source is not None:
+            bounds = clip_bounds(func, args, kwargs)
+            if bounds is not None and isinstance(out, torch.Tensor):
+                self.put_accumulator(out, replace(source, low=max(source.low, bounds[0]),
+                                                  high=min(source.high, bounds[1])))
+            elif out is args[0]:  # changed in place (or returned as is): no longer known to be the accumulator
+                del self.accumulators[id(args[0])]
+        return out
+
+
+_ACTIVE: list[QuantizedValues] = []
+
+
+DATA_PARALLEL_UNSUPPORTED = ("torch.nn.DataParallel is not supported: its replicas run in threads that do not share "
+                             "the quantized values. Use DistributedDataParallel (one process per device), or the "
+                             "bare model")
+
+
+def enter_simulation(module, args):
+    """Forward pre-hook of the root model: quantized values flow to every consumer during this forward."""
+    if getattr(module, "_is_replica", False):
+        raise TypeError(DATA_PARALLEL_UNSUPPORTED)
+    mode = QuantizedValues()
+    mode.__enter__()
+    _ACTIVE.append(mode)
+
+
+def exit_simulation(module, args, output):
+    if _ACTIVE:
+        _ACTIVE.pop().__exit__(None, None, None)
+
+
+def shared_quantized(x: torch.Tensor, quantize_fn) -> torch.Tensor:
+    """`quantize_fn(x)`, computed once per tensor and forward, and handed to every consumer of `x`."""
+    mode = _ACTIVE[-1] if _ACTIVE else None
+    cached = mode.get(x) if mode is not None else None
+    if cached is not None:
+        return cached
+    xq = quantize_fn(x)
+    if mode is not None:
+        mode.put(x, xq)
+    return xq
+
+
+def requantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """fake_quant(x): from x's accumulator in one rounding where x is a quantized layer's output clipped by nothing
+    that this range does not imply (so that a runtime drops the clip and requantizes as here)."""
+    source = _ACTIVE[-1].accumulator(x) if _ACTIVE else None
+    if source is None or not range_implies_clip(scale, offset, num_bits, source.low, source.high):
+        return fake_quant(x, scale, offset, num_bits)
+    qmin, qmax = qrange(num_bits)
+    multiplier = (source.grid / scale).to(source.acc)
+    if multiplier.numel() > 1:
+        multiplier = channel_view(multiplier, source.acc.dim(), source.axis)
+    codes = torch.clamp(round_ste(source.acc * multiplier) + offset, qmin, qmax)
+    return (codes - offset) * scale
