@@ -215,24 +215,6 @@ def ort_session(path: str, threads: int = 2, spin: bool = True):
                                 providers=["CPUExecutionProvider"])
 
 
-def ort_predict(session, images: np.ndarray, batch: int = 50) -> np.ndarray:
-    """Logits (first output) for all ``images``, run ``batch`` at a time.
-
-    If the model's batch dim is fixed, that size is used instead.
-    """
-    inp = session.get_inputs()[0]
-    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    step = fixed or batch
-    outs = []
-    for i in range(0, len(images), step):
-        x = np.ascontiguousarray(images[i:i + step], dtype=np.float32)
-        n = len(x)
-        if fixed and n < fixed:  # pad a short last batch for a fixed-batch model
-            x = np.concatenate([x, np.zeros((fixed - n,) + x.shape[1:], np.float32)])
-        outs.append(session.run(None, {inp.name: x})[0][:n])
-    return np.concatenate(outs)
-
-
 def ort_latency(paths: dict[str, str], batch: int, threads: int = 2,
                 rounds: int = 7, warmup: int = 2, spin: bool = False) -> dict[str, float]:
     """Median ms per batch for each model, measured interleaved.

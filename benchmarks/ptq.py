@@ -13,6 +13,7 @@ does in ortbaseline.py; the peak is the child's VmHWM (ru_maxrss would include t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -33,7 +34,6 @@ from ortbaseline import (  # noqa: E402
     INTEGER_OP_TYPES,
     integer_ops,
     ort_latency,
-    ort_predict,
     ort_quantize_static,
     ort_session,
     proc_mem_mb,
@@ -41,6 +41,7 @@ from ortbaseline import (  # noqa: E402
 
 import openamct as amct  # noqa: E402
 from openamct.app.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
+from openamct.app.evaluation import OnnxPredictor, TorchPredictor, logits  # noqa: E402
 from openamct.app.models import MODELS  # noqa: E402
 
 MODEL = "efficientnet_lite0"
@@ -59,11 +60,8 @@ def load_images(data: Path, n: int):
 
 def predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """Logits of a torch module or an ORT InferenceSession on ``images``."""
-    if isinstance(model, torch.nn.Module):
-        with torch.no_grad():
-            return np.concatenate([model(torch.from_numpy(np.array(images[i:i + batch]))).numpy()
-                                   for i in range(0, len(images), batch)])
-    return ort_predict(model, images, batch)
+    predictor = TorchPredictor(model) if isinstance(model, torch.nn.Module) else OnnxPredictor(model)
+    return logits(predictor, images, batch)
 
 
 def evaluate(model, images, labels, refs: dict | None = None, held_from: int = 0) -> dict:
@@ -163,8 +161,8 @@ class MemoryWatchdog(threading.Thread):
         while True:
             for pid in self._children():
                 try:
-                    rss = int(next(line for line in open(f"/proc/{pid}/status")
-                                   if line.startswith("VmRSS")).split()[1]) / 1024
+                    with open(f"/proc/{pid}/status") as status:
+                        rss = int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024
                 except (OSError, StopIteration):
                     continue
                 if rss > self.limit_mb:
@@ -175,10 +173,8 @@ class MemoryWatchdog(threading.Thread):
     @staticmethod
     def _children():
         for task in os.listdir("/proc/self/task"):
-            try:
-                yield from map(int, open(f"/proc/self/task/{task}/children").read().split())
-            except OSError:
-                pass
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as children:
+                yield from map(int, children.read().split())
 
 
 # ---------------------------------------------------------------- report

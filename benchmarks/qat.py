@@ -11,8 +11,8 @@ top-1 gap to FP32 with its standard error (paired over the 200 images) for:
 each with half the batch. ``--device cuda`` runs calibration, training and the PyTorch evaluations on the GPU.
 ``--eval-every N`` evaluates the QAT model on the held-out images every N steps (the learning curve).
 ``--int8 first,depthwise`` keeps the stem conv and the depthwise convs (4 % of EfficientNet-Lite0's weights, and
-most of its 4-bit loss) at 8 bits, through one retrain.cfg ``override_layer_configs`` entry per layer, in PTQ and
-QAT alike.
+most of its 4-bit loss) at 8 bits: the ``stem_depthwise_int8`` rule in PTQ, one retrain.cfg
+``override_layer_configs`` entry per layer in QAT.
 
 Each of the 800 images is of a different class, so the 200 evaluation classes never occur in training: the default
 loss is pure distillation from the FP32 model (``--kd-weight 1``), which teaches all 1000 classes, where the
@@ -36,23 +36,20 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from openamct.graph import LAYER_GROUPS, layer_groups  # noqa: E402
-
 import openamct as amct  # noqa: E402
-from openamct.amct.config_files import load_retrain_json
-from openamct.app import training
+from openamct.amct.config_files import load_retrain_json, retrain_cfg  # noqa: E402
+from openamct.app import training  # noqa: E402
 from openamct.app.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
+from openamct.app.evaluation import OnnxPredictor, TorchPredictor, logits  # noqa: E402
 from openamct.app.models import MODELS  # noqa: E402
 from openamct.core import qat  # noqa: E402
-from openamct.core.config import LayerConfig, QuantConfig, WeightQuantParams  # noqa: E402
+from openamct.core.capture import capture, group_members  # noqa: E402
+from openamct.core.config import LAYER_GROUPS, Rule  # noqa: E402
 from openamct.onnx_export.parity import session  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 IO = dict(input_names=["input"], output_names=["output"],
           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-RETRAIN_CFG = "batch_num: {n}\nretrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }}\n"
-OVERRIDE_CFG = ('override_layer_configs {{ layer_name: "{name}" '
-                'retrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }} }}\n')
 
 
 def example(model) -> torch.Tensor:
@@ -60,13 +57,7 @@ def example(model) -> torch.Tensor:
 
 
 def int8_layers(model, groups: list[str]) -> list[str]:
-    return layer_groups(model, groups, example(model)) if groups else []
-
-
-def weight_bits(model, bits: int, groups: list[str]) -> dict:
-    """Layer name -> weight bits: `bits`, except the layers of `groups` (see int8_layers) at 8."""
-    keep = set(int8_layers(model, groups))
-    return {name: 8 if name in keep else bits for name in capture(model, example(model)).layers}
+    return group_members(capture(model, example(model)), groups) if groups else []
 
 
 def label(bits: int, groups: list[str]) -> str:
@@ -82,14 +73,9 @@ def tensors(images: LabelledImages) -> tuple[torch.Tensor, np.ndarray]:
     return torch.cat(xs), torch.cat(ys).numpy()
 
 
-def logits_of(model, images: torch.Tensor, batch: int = 50) -> np.ndarray:
-    if isinstance(model, torch.nn.Module):
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            return torch.cat([model(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)]
-                             ).numpy()
-    return np.concatenate([model.run(None, {"input": images[i:i + batch].numpy()})[0]
-                           for i in range(0, len(images), batch)])
+def logits_of(model, images: torch.Tensor) -> np.ndarray:
+    predictor = TorchPredictor(model) if isinstance(model, torch.nn.Module) else OnnxPredictor(model)
+    return logits(predictor, images, 50)
 
 
 def scores(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None) -> dict:
@@ -102,11 +88,13 @@ def scores(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None)
     return out
 
 
-def ptq(model, bits: dict, rounding: str, calib: torch.Tensor, batch_num: int) -> tuple[torch.nn.Module, float]:
-    """PTQ with `bits` (layer name -> weight bits) and AMCT's nearest rounding or GPTQ + bias correction."""
-    config = QuantConfig(layers={name: LayerConfig(weight=WeightQuantParams(
-        num_bits=b, rounding=rounding, bias_correction=rounding == "gptq")) for name, b in bits.items()},
-        batch_num=batch_num)
+def ptq(model, bits: int, groups: list[str], rounding: str, calib: torch.Tensor,
+        batch_num: int) -> tuple[torch.nn.Module, float]:
+    """PTQ with `bits` weights (the layers of `groups` at 8) and AMCT's nearest rounding or GPTQ + bias correction."""
+    rules = [Rule(weight={"num_bits": bits, "rounding": rounding, "bias_correction": rounding == "gptq"})]
+    if groups and bits != 8:
+        rules.append(Rule(group=tuple(groups), weight={"num_bits": 8}))
+    config = amct.default_config(model, example(model), rules=rules, batch_num=batch_num)
     size = len(calib) // batch_num
     calib = calib.to(next(model.parameters()).device)
     start = time.perf_counter()
@@ -131,12 +119,7 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
     cfg = os.path.join(work, "retrain.cfg")
     config, record = os.path.join(work, "config.json"), os.path.join(work, "record.txt")
     if rank == 0:
-        algo = "ulq_retrain" if bits < 8 else "arq_retrain"
-        text = RETRAIN_CFG.format(n=args.init_batches, algo=algo, bits=bits)
-        if bits != 8:
-            text += "".join(OVERRIDE_CFG.format(name=name, algo="arq_retrain", bits=8)
-                            for name in int8_layers(model, args.int8))
-        Path(cfg).write_text(text)
+        Path(cfg).write_text(retrain_cfg(args.init_batches, bits, int8_layers(model, args.int8) if bits != 8 else []))
         amct.create_quant_retrain_config(config, model, dummy, cfg)
     if world > 1:
         dist.barrier()
@@ -255,7 +238,7 @@ def main() -> None:
         if not args.skip_ptq:
             calib, _ = tensors(images.subset(0, 32 * args.calib_batches))
             for rounding, name in (("nearest", "ARQ"), ("gptq", "GPTQ")):
-                qmodel, seconds = ptq(model, weight_bits(model, bits, args.int8), rounding, calib,
+                qmodel, seconds = ptq(model, bits, args.int8, rounding, calib,
                                       args.calib_batches)
                 rows.append((f"PTQ {label(bits, args.int8)} {name}",
                              scores(logits_of(qmodel, evaluation), labels, fp32), f"calib {seconds:.0f} s"))

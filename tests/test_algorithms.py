@@ -253,3 +253,36 @@ def test_scale_refit_lowers_the_output_error_and_keeps_the_codes(depthwise):
     assert not torch.equal(new_scales, old_scales) and ((new_scales / old_scales - 1).abs() <= 0.1 + 1e-6).all()
     torch.testing.assert_close(refitted / new_scales[:, None], chosen / old_scales[:, None], rtol=0, atol=1e-4)
     torch.testing.assert_close(weight_scales(refitted, 4, True, 0), new_scales, rtol=1e-6, atol=0)
+
+
+class _PadInForward(torch.nn.Conv2d):
+    """A conv that pads in its forward by amounts it computes from the input's shape (as ports of TF's "same"
+    padding do): the core cannot see the padding in the module's attributes."""
+
+    def forward(self, x):
+        total = [max((-(-size // s) - 1) * s + k - size, 0)
+                 for size, s, k in zip(x.shape[2:], self.stride, self.kernel_size)]
+        x = torch.nn.functional.pad(x, [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2])
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_gptq_hessian_sees_padding_done_in_forward(groups):
+    """GPTQ's statistics come from what the conv kernel reads, so a conv padding in its forward gets the Hessian
+    of the same conv with the padding as an attribute."""
+    from openamct.core.algorithms import gptq
+    torch.manual_seed(0)
+    static = torch.nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+    dynamic = _PadInForward(4, 4, 3, groups=groups)
+    dynamic.load_state_dict(static.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+
+    def hessian(layer):
+        with gptq.KernelInput() as kernel:
+            layer(x)
+        return gptq.hessian(layer, x, kernel.call)
+
+    expected = hessian(static)
+    assert expected.shape == ((36, 36) if groups == 1 else (4, 9, 9))
+    torch.testing.assert_close(hessian(dynamic), expected)
+    assert not torch.equal(expected, gptq.hessian(static, x, {"input": x, "padding": 0}))  # padding matters

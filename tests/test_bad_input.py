@@ -29,7 +29,8 @@ def test_save_model_before_calibration_finished(calibration_model, tmp_path):
 
 
 @pytest.mark.parametrize("batch,message", [(torch.empty(0, 3, 16, 16), "empty calibration batch"),
-                                           (torch.full((2, 3, 16, 16), float("nan")), "calibration input holds NaN or Inf")])
+                                           (torch.full((2, 3, 16, 16), float("nan")),
+                                            "calibration input holds NaN or Inf")])
 def test_bad_calibration_batch_names_the_layer(calibration_model, batch, message):
     with pytest.raises(ValueError, match=f"layer 'conv1': {message}"), torch.no_grad():
         calibration_model(batch)

@@ -358,3 +358,7 @@ def test_retrain_bad_inputs(tiny_file, in_tmp, capsys):
     Path("bad.cfg").write_text("batch_num: 1\nretrain_weight_quant_config { arq_retrain { dst_type: INT16 } }\n")
     code, _, err = _run(base + ["--config", "bad.cfg", "--train", 8, "--batch-size", 4], capsys)
     _assert_one_line_error(code, err, "bad.cfg:2", "dst_type")
+    Path("good.cfg").write_text("batch_num: 1\n")
+    for extra in (["--weight-bits", 4], ["--int8-layers", "first"]):
+        code, _, err = _run(base + ["--config", "good.cfg", "--train", 8, "--batch-size", 4, *extra], capsys)
+        _assert_one_line_error(code, err, "--weight-bits and --int8-layers cannot be combined with --config")

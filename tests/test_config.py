@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import ConvNet, convnet
+from tiny_models import ConvNet, ExoticNet, convnet, exoticnet
 
 import openamct as amct
 from openamct.amct.config_files import config_from_cfg, load_json, save_json
@@ -160,3 +160,104 @@ def test_bn_with_two_consumers_is_not_folded():
 
     info = capture(TwoUses().eval(), torch.randn(1, 3, 4, 4))
     assert info.bn_pairs == {} and "other consumers" in info.bn_not_folded["bn"]
+
+
+# ---------------------------------------------------------------- native rules
+
+def test_rules_select_by_name_glob_regex_type_and_group_later_ones_winning():
+    model, x = convnet(), ConvNet.example_input()
+    config = amct.default_config(model, x, rules=[
+        amct.Rule(weight={"num_bits": 4}),                                  # every layer
+        amct.Rule("re:(dw|pw)", weight={"rounding": "nearest"}),           # regex: a partial change
+        amct.Rule(types="Linear", activation=ActQuantParams(act_algo="hfmg")),  # a whole value replaces
+        amct.Rule("c*1", weight={"num_bits": 6}),                           # glob
+        amct.stem_depthwise_int8(),                                         # group: conv1 (first) and dw
+        amct.Rule("fc", quant_enable=False),                                # exact name
+    ])
+    layers = config.layers
+    assert [layers[n].weight.num_bits for n in ("conv1", "dw", "pw", "fc")] == [8, 8, 4, 4]
+    assert layers["dw"].weight.rounding == "nearest" and layers["pw"].weight.rounding == "nearest"
+    assert layers["conv1"].weight.rounding == "gptq"
+    assert layers["fc"].activation.act_algo == "hfmg" and layers["conv1"].activation.act_algo == "ifmr"
+    assert config.enabled() == ["conv1", "dw", "pw"]
+
+
+@pytest.mark.parametrize("rule, message", [
+    (lambda: amct.Rule("conv_1", quant_enable=False), r"rule 0 .*'conv_1'.*did you mean 'conv1'"),
+    (lambda: amct.Rule("head.*", quant_enable=False), r"rule 0 \(Rule\(layers=\('head\.\*',\).*selects no layer"),
+    (lambda: amct.Rule(types="Conv3d", quant_enable=False), "selects no layer"),
+    (lambda: amct.Rule(group="stem"), "rule group 'stem'"),
+    (lambda: amct.Rule("re:(", quant_enable=False), "invalid regular expression"),
+    (lambda: amct.Rule(weight={"bits": 4}), "field 'weight.bits'"),
+    (lambda: amct.Rule(wieght={"num_bits": 4}), "field 'rule wieght'"),
+    (lambda: amct.Rule(weight={"num_bits": 3}), "field 'weight_quant_params.num_bits'"),
+])
+def test_bad_rules_are_config_errors_that_say_which(rule, message):
+    with pytest.raises(ConfigError, match=message):
+        amct.default_config(convnet(), ConvNet.example_input(), rules=[rule()])
+
+
+def test_nuq_rule_on_a_layer_without_codebook_export_is_refused():
+    with pytest.raises(ConfigError, match=r"layer 'c1' \(Conv1d\) cannot take nuq_quantize"):
+        amct.default_config(exoticnet(), ExoticNet.example_input(),
+                            rules=[amct.Rule(types="Conv1d", weight={"wts_algo": "nuq_quantize", "num_steps": 16})])
+
+
+def test_each_layer_names_its_weight_pipeline():
+    model, x = convnet(), ConvNet.example_input()
+    config = amct.default_config(model, x, rules=[
+        amct.Rule("conv1", weight={"num_bits": 4}),
+        amct.Rule("fc", weight={"wts_algo": "nuq_quantize", "num_steps": 4, "num_of_iteration": 2}),
+        amct.Rule("pw", weight={"rounding": "nearest", "bias_correction": False})])
+    qmodel = amct.prepare(model, config, x)
+    pipelines = {name: qmodel.get_submodule(name).pipeline for name in config.layers}
+    assert pipelines == {"conv1": ("gptq", "scale_refit", "bias_correction"), "dw": ("gptq", "bias_correction"),
+                         "pw": (), "fc": ("nuq_codebook", "gptq", "nuq_level_refit", "bias_correction")}
+
+
+# ---------------------------------------------------------------- options openamct cannot honour are refused
+
+@pytest.mark.parametrize("extra, message", [
+    ('"version": 2, ', r"config\.json:1: field 'version': got 2"),
+    ('"fakequant_precision_mode": "FORCE_FP16_QUANT", ', r"config\.json:1: fakequant_precision_mode FORCE_FP16"),
+    ('"fakequant_precision_mode": "FP8", ', r"field 'fakequant_precision_mode': got 'FP8'"),
+])
+def test_json_refuses_global_fields_it_cannot_honour(tmp_path, extra, message):
+    path = tmp_path / "config.json"
+    path.write_text("{" + extra + '"batch_num": 1, "conv1": {"quant_enable": true}}')
+    with pytest.raises(ConfigError, match=message):
+        load_json(str(path))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('"dmq_balancer_param": 0.5', "DMQ balancer"),
+    ('"wts_params": {}', "unknown field 'wts_params'"),
+])
+def test_json_refuses_layer_fields_it_cannot_honour(tmp_path, entry, message):
+    path = tmp_path / "config.json"
+    path.write_text('{"batch_num": 1,\n "conv1": {"quant_enable": true, ' + entry + "}}")
+    with pytest.raises(ConfigError, match=rf"config\.json:2: layer 'conv1': .*{message}"):
+        load_json(str(path))
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("batch_num: 1\ncommon_config {\n  dmq_balancer { migration_strength: 0.5 }\n}\n", 2, "DMQ balancer"),
+    ("batch_num: 1\nfakequant_precision_mode: FORCE_FP16_QUANT\n", 2, "FORCE_FP16_QUANT is not supported"),
+    ("batch_num: 1\ncommon_config {\n  ifmr_quantize { dst_type: INT16 }\n}\n", 2, "INT16 activations"),
+    ("batch_num: 1\noverride_layer_types {\n layer_type: \"Linear\"\n calibration_config {\n"
+     "  hfmg_quantize { dst_type: INT16 } } }\n", 3, "INT16 activations"),
+])
+def test_cfg_refuses_fields_it_cannot_honour(tmp_path, text, line, message):
+    path = tmp_path / "bad.cfg"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"bad\.cfg:{line}: .*{message}"):
+        config_from_cfg(str(path), LAYERS)
+
+
+def test_cfg_activation_dst_type_int8_is_honoured(tmp_path):
+    path = tmp_path / "q.cfg"
+    path.write_text("common_config { ifmr_quantize { dst_type: INT8 } }\n"
+                    "override_layer_configs { layer_name: \"fc\" calibration_config { hfmg_quantize { dst_type: INT8 } } }\n")
+    config = config_from_cfg(str(path), LAYERS)
+    assert {layer.activation.num_bits for layer in config.layers.values()} == {8}
+    assert config.layers["fc"].activation.act_algo == "hfmg"

@@ -92,8 +92,8 @@ def test_output_weighting_protects_the_inputs_that_matter(tmp_path):
     layer = torch.nn.Linear(2, 4, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[0.11, 0.9], [0.52, -0.33], [-0.71, 0.26], [0.3, -0.95]]))
-    from openamct.core.config import WeightQuantParams
     from openamct.core.algorithms.nuq import fit_codebook
+    from openamct.core.config import WeightQuantParams
     from openamct.core.quantizers import WeightQuantizer
     params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, channel_wise=False, codebook="layer")
     plain, weighted = WeightQuantizer(params, 0), WeightQuantizer(params, 0)

@@ -197,7 +197,7 @@ def main(args):
     amct.save_model(modified_model, record_file, result_path)
 
     # Step 6: accuracy of the fake-quant model
-    quant_top1, quant_top5 = onnx_forward('%s_%s' % (result_path, 'fake_quant_model.onnx'), images, labels,
+    quant_top1, quant_top5 = onnx_forward(f'{result_path}_fake_quant_model.onnx', images, labels,
                                           batch_size=BATCH_SIZE, iterations=ITERATIONS)
 
     print(f'[INFO] ResNet101 before quantize top1:{ori_top1:>10} top5:{ori_top5:>10}')

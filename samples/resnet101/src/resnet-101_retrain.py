@@ -78,7 +78,8 @@ def args_check(args):
         if path is None:
             raise InputError(f'Must specify a {what} dataset path: {name} PATH (a folder of class sub-folders)')
         if not os.path.isdir(path):
-            raise InputError(f'Must specify a valid {what} dataset path: {name} {os.path.realpath(path)} is not a folder')
+            raise InputError(f'Must specify a valid {what} dataset path: {name} {os.path.realpath(path)} is not a '
+                             'folder')
     args.train_set = os.path.realpath(args.train_set)
     args.eval_set = os.path.realpath(args.eval_set)
     if args.config_defination is not None:
@@ -91,7 +92,8 @@ def args_check(args):
     if args.num_parallel_reads < 0 or args.print_freq < 0:
         raise InputError('--num_parallel_reads and --print_freq must not be negative')
     if not os.path.isfile(MODEL_FILE):
-        raise InputError(f'model file {os.path.realpath(MODEL_FILE)} not found: download {WEIGHTS_URL} into {os.path.realpath(os.path.dirname(MODEL_FILE))}/')
+        raise InputError(f'model file {os.path.realpath(MODEL_FILE)} not found: download {WEIGHTS_URL} into '
+                         f'{os.path.realpath(os.path.dirname(MODEL_FILE))}/')
 
 
 def log(message):
@@ -136,7 +138,8 @@ def validate(val_loader, model, device, print_freq, iterations=None):
             top1, top5 = topk_hits(output.float(), target)
             total, hits1, hits5 = total + len(target), hits1 + top1, hits5 + top5
             if print_freq and (i + 1) % print_freq == 0 and iterations is None:
-                log(f'Test: [{i + 1}/{len(val_loader)}]\tAcc@1 {100 * hits1 / total:6.2f}\tAcc@5 {100 * hits5 / total:6.2f}')
+                log(f'Test: [{i + 1}/{len(val_loader)}]\tAcc@1 {100 * hits1 / total:6.2f}\t'
+                    f'Acc@5 {100 * hits5 / total:6.2f}')
             if iterations is not None and i + 1 >= iterations:
                 break
     return 100 * hits1 / max(total, 1), 100 * hits5 / max(total, 1)
@@ -151,7 +154,8 @@ def validate_onnx(val_loader, onnx_model, print_freq):
         top1, top5 = topk_hits(output[0], target)
         total, hits1, hits5 = total + len(target), hits1 + top1, hits5 + top5
         if print_freq and (i + 1) % print_freq == 0:
-            print(f'Test: [{i + 1}/{len(val_loader)}]\tAcc@1 {100 * hits1 / total:6.2f}\tAcc@5 {100 * hits5 / total:6.2f}')
+            print(f'Test: [{i + 1}/{len(val_loader)}]\tAcc@1 {100 * hits1 / total:6.2f}\t'
+                  f'Acc@5 {100 * hits5 / total:6.2f}')
     return 100 * hits1 / max(total, 1), 100 * hits5 / max(total, 1)
 
 

@@ -42,8 +42,14 @@ def create_quant_config(config_file, model, input_data, skip_layers=None, batch_
     """Write the per-layer JSON config for `model`; with `config_defination` (a .cfg) the other options come from it."""
     amct_log.install()
     if config_defination:
+        ignored = [name for name, given in (("skip_layers", skip_layers), ("batch_num", batch_num != 1),
+                                            ("activation_offset", activation_offset is not True)) if given]
+        if ignored:
+            log.warning(f"create_quant_config: {', '.join(ignored)} not used: with config_defination they come from "
+                        f"{config_defination}, as in AMCT", "Config")
         info = capture(model, input_data)
-        config = config_from_cfg(config_defination, info.layers, _nuq_layers(config_defination, model, input_data, info))
+        nuq_layers = _nuq_layers(config_defination, model, input_data, info)
+        config = config_from_cfg(config_defination, info.layers, nuq_layers)
     else:
         config = default_config(model, input_data, skip_layers=tuple(skip_layers or ()), batch_num=batch_num,
                                 activation_offset=activation_offset)

@@ -194,21 +194,21 @@ def parse_cfg(path: str, root=calib_pb2.AMCTConfig):
 
 def _checked_cfg(path: str, root, layer_types: dict):
     """Parse a simple config and check its layer names and types against the model's; returns the message and
-    `at(needle, fn)`, which runs `fn` and prefixes its ConfigError with `path:line` of `needle`."""
+    `at(needle, fn, *args)`, which runs `fn(*args)` and prefixes its ConfigError with `path:line` of `needle`."""
     message = parse_cfg(path, root)
     with open(path, encoding="utf-8") as f:
         text = f.read()
 
-    def at(needle: str, fn):
+    def at(needle: str, fn, *args):
         try:
-            return fn()
+            return fn(*args)
         except ConfigError as e:
             raise ConfigError(f"{path}:{_line_of(text, needle)}: {e}") from None
 
     all_types = {t for types in layer_types.values() for t in types}
     at("skip_layers", lambda: check_names(message.skip_layers, layer_types, "skip_layers entry"))
     for entry in message.override_layer_configs:
-        at(entry.layer_name, lambda: check_names([entry.layer_name], layer_types, "override_layer_configs layer"))
+        at(entry.layer_name, check_names, [entry.layer_name], layer_types, "override_layer_configs layer")
     for entry in message.override_layer_types:
         if entry.layer_type not in all_types:
             raise ConfigError(f"{path}:{_line_of(text, entry.layer_type)}: override_layer_types layer_type "
@@ -264,7 +264,7 @@ def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
     rule)."""
     message, at = _checked_cfg(path, calib_pb2.AMCTConfig, layer_types)
     if message.fakequant_precision_mode == calib_pb2.FORCE_FP16_QUANT:
-        at("fakequant_precision_mode", lambda: _raise(ConfigError(FP16_REFUSED)))
+        at("fakequant_precision_mode", _raise, ConfigError(FP16_REFUSED))
     common = at("common_config", lambda: _changes(message.common_config))
     rules = [Rule(**common)] if common else []
     if message.HasField("nuq_config"):
@@ -272,9 +272,9 @@ def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
         if nuq_layers:
             rules.append(Rule(tuple(nuq_layers), weight=nuq))
     for entry in message.override_layer_types:
-        rules.append(Rule(types=entry.layer_type, **at(entry.layer_type, lambda: _changes(entry.calibration_config))))
+        rules.append(Rule(types=entry.layer_type, **at(entry.layer_type, _changes, entry.calibration_config)))
     for entry in message.override_layer_configs:
-        rules.append(Rule(entry.layer_name, **at(entry.layer_name, lambda: _changes(entry.calibration_config))))
+        rules.append(Rule(entry.layer_name, **at(entry.layer_name, _changes, entry.calibration_config)))
     skipped = [name for name, types in layer_types.items()
                if name in message.skip_layers or set(types) & set(message.skip_layer_types)]
     if skipped:
@@ -288,6 +288,15 @@ def config_from_cfg(path: str, layer_types: dict, nuq_layers=()) -> QuantConfig:
 
 def _raise(error: Exception):
     raise error
+
+
+def retrain_cfg(batch_num: int, weight_bits: int, int8_layers=()) -> str:
+    """A QAT simple config: ULQ activations and weights at `weight_bits` (arq_retrain at 8 bits, ulq_retrain, a
+    learned scale, below), except `int8_layers`, which keep INT8 arq_retrain weights."""
+    algo = "arq_retrain" if weight_bits == 8 else "ulq_retrain"
+    text = f"batch_num: {batch_num}\nretrain_weight_quant_config {{ {algo} {{ dst_type: INT{weight_bits} }} }}\n"
+    return text + "".join(f'override_layer_configs {{ layer_name: "{name}" retrain_weight_quant_config '
+                          f'{{ arq_retrain {{ dst_type: INT8 }} }} }}\n' for name in int8_layers)
 
 
 def _retrain_changes(entry) -> dict:
@@ -317,9 +326,9 @@ def retrain_config_from_cfg(path: str, layer_types: dict) -> RetrainConfig:
     common = at("retrain_", lambda: _retrain_changes(message))
     rules = [Rule(**common)] if common else []
     for entry in message.override_layer_types:
-        rules.append(Rule(types=entry.layer_type, **at(entry.layer_type, lambda: _retrain_changes(entry))))
+        rules.append(Rule(types=entry.layer_type, **at(entry.layer_type, _retrain_changes, entry)))
     for entry in message.override_layer_configs:
-        rules.append(Rule(entry.layer_name, **at(entry.layer_name, lambda: _retrain_changes(entry))))
+        rules.append(Rule(entry.layer_name, **at(entry.layer_name, _retrain_changes, entry)))
     skip_layers = set(message.skip_layers) | set(message.quant_skip_layers)
     skip_types = set(message.skip_layer_types) | set(message.quant_skip_types)
     skipped = [name for name, types in layer_types.items() if name in skip_layers or skip_types & set(types)]

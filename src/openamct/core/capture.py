@@ -115,7 +115,8 @@ def capture(model: nn.Module, input_data) -> ModelInfo:
     """Run one forward pass and report quantizable layers, foldable BNs and input bounds."""
     info = ModelInfo()
     modules = dict(model.named_modules())
-    weight_owners = Counter(id(m.weight) for m in modules.values() if isinstance(getattr(m, "weight", None), nn.Parameter))
+    weight_owners = Counter(id(m.weight) for m in modules.values()
+                            if isinstance(getattr(m, "weight", None), nn.Parameter))
     recorder = _Recorder()
     calls = {}  # module name -> (input id, output id) of its first call
     handles = []
@@ -240,3 +241,9 @@ def layer_groups(info: ModelInfo) -> dict:
     """Group name -> layer names (config.LAYER_GROUPS): "first", the layer the input reaches first (the stem conv),
     and "depthwise", Conv2d with one input channel per group."""
     return {"first": set(list(info.layers)[:1]), "depthwise": set(info.depthwise)}
+
+
+def group_members(info: ModelInfo, groups) -> list[str]:
+    """The layers of any of the named `groups`, in capture order."""
+    members = layer_groups(info)
+    return [name for name in info.layers if any(name in members[group] for group in groups)]

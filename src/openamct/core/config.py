@@ -277,9 +277,10 @@ class RetrainLayerConfig:
 
     def quant(self) -> LayerConfig:
         """The PTQ view of this layer (bits, channel_wise; plain rounding): what the exported model holds."""
+        weight = WeightQuantParams(num_bits=self.weight.num_bits, channel_wise=self.weight.channel_wise,
+                                   rounding="nearest", bias_correction=False)
         return LayerConfig(quant_enable=self.retrain_enable, activation=ActQuantParams(num_bits=self.data.num_bits),
-                           weight=WeightQuantParams(num_bits=self.weight.num_bits, channel_wise=self.weight.channel_wise,
-                                                    rounding="nearest", bias_correction=False))
+                           weight=weight)
 
 
 @dataclass(frozen=True)

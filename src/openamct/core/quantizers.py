@@ -93,7 +93,7 @@ class WeightQuantizer(nn.Module):
         if self.table is None:
             return codes
         table = self.table.to(weight.device)
-        rows = codes.reshape(table.shape[0], -1).long() + 128 if table.shape[0] > 1 else codes.reshape(1, -1).long() + 128
+        rows = (codes.reshape(table.shape[0], -1) if table.shape[0] > 1 else codes.reshape(1, -1)).long() + 128
         return torch.gather(table, 1, rows).reshape(codes.shape).to(codes.dtype)
 
     def forward(self, weight):
@@ -197,9 +197,10 @@ class ULQActQuantizer(nn.Module):
         return f"ulq, bits={self.params.num_bits}, fixed_min={self.fixed_min}, {state}"
 
 
-def least_error_scales(weight: torch.Tensor, num_bits: int, channel_wise: bool, axis: int,
-                       ratios: torch.Tensor = torch.linspace(0.3, 1.0, 71)) -> torch.Tensor:
-    """Per channel (or tensor), the fraction of the max-abs scale with the least squared quantization error."""
+def least_error_scales(weight: torch.Tensor, num_bits: int, channel_wise: bool, axis: int) -> torch.Tensor:
+    """Per channel (or tensor), the fraction (0.3 to 1 in steps of 0.01) of the max-abs scale with the least squared
+    quantization error."""
+    ratios = torch.linspace(0.3, 1.0, 71)
     w = channel_rows(weight, channel_wise, axis)
     qmin, qmax = qrange(num_bits)
     full = w.abs().amax(1) / qmax

@@ -121,9 +121,9 @@ def fused_model(qmodel, input_data, input_names=None, output_names=None,
     digests = {}
     for name, layer in layers.items():
         weight = layer.layer.weight.detach().cpu().numpy()
-        digests.setdefault(_digest(weight), []).append((name, False))
+        digests.setdefault(_digest(weight), []).append(name)
         if weight.ndim == 2:
-            digests.setdefault(_digest(weight.T), []).append((name, True))
+            digests.setdefault(_digest(weight.T), []).append(name)  # Gemm without transB
     inits = {i.name: i for i in onnx_model.graph.initializer}
     mapping = {}
     for node in onnx_model.graph.node:
@@ -132,7 +132,7 @@ def fused_model(qmodel, input_data, input_names=None, output_names=None,
         init = inits.get(node.input[1])
         if init is None:
             continue
-        for name, transposed in digests.get(_digest(numpy_helper.to_array(init)), []):
+        for name in digests.get(_digest(numpy_helper.to_array(init)), []):
             if name in mapping:
                 continue
             layer = layers[name]

@@ -1,10 +1,11 @@
 """The deploy (INT8 QDQ) and fake-quant models, built from the fused float model and the layers' records.
 
-Deploy: QuantizeLinear/DequantizeLinear with uint8 activations, int8 weights and int32 biases, the pattern ONNX Runtime turns into QLinearConv / QGemm / MatMulInteger kernels. Fake-quant (AMCT's
-form, standard ops only): Div/Round/Add/Clip/Sub give integer codes, each layer runs on integer-valued weights and
-bias, and one division by 1 / (scale_d * scale_w) dequantizes its output; where that output (through ReLU/Clip)
-is quantized again, the codes come from the accumulator in one Mul, as QLinearConv requantizes. This is the
-arithmetic of the PyTorch simulation, step for step, so the two agree bit for bit.
+Deploy: QuantizeLinear/DequantizeLinear with uint8 activations, int8 weights and int32 biases, the pattern ONNX
+Runtime turns into QLinearConv / QGemm / MatMulInteger kernels. Fake-quant (AMCT's form, standard ops only):
+Div/Round/Add/Clip/Sub give integer codes, each layer runs on integer-valued weights and bias, and one division by 1
+/ (scale_d * scale_w) dequantizes its output; where that output (through ReLU/Clip) is quantized again, the codes
+come from the accumulator in one Mul, as QLinearConv requantizes. This is the arithmetic of the PyTorch simulation,
+step for step, so the two agree bit for bit.
 """
 import numpy as np
 import onnx
@@ -93,7 +94,7 @@ def _clipped_source(tensor: str, producers: dict, inits: dict, accumulators: dic
     node = producers.get(tensor)
     while node is not None and node.op_type in ("Relu", "Clip"):
         bounds = [0.0, np.inf] if node.op_type == "Relu" else [-np.inf, np.inf]
-        for i, name in ((1, "min"), (2, "max")):
+        for i in (1, 2):
             if node.op_type == "Clip" and len(node.input) > i and node.input[i]:
                 if node.input[i] not in inits:
                     return None

@@ -3,7 +3,6 @@ batches -> save_model) in AMCT's sample layout under --output, then the FP32 mod
 deploy ONNX model (ONNX Runtime) evaluated on the same images, a report and a per-layer error plot."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -26,31 +25,36 @@ from . import common
 LAYER_ERROR_IMAGES = 4  # images of the first calibration batch the per-layer SQNR is measured on
 
 
+SUMMARY = "quantize a model on calibration images, export it to ONNX and compare accuracies"
+DESCRIPTION = """\
+Quantize a model with AMCT's post-training flow and compare its accuracy before and after.
+
+Steps: create_quant_config (from --config, else default W8A8 with --skip-layers and --batch-num)
+-> quantize_model (BN folding, the fused ONNX model) -> calibration on the first batch_num x batch_size
+images of --images -> save_model (deploy and fake-quant ONNX models) -> evaluation of the FP32 model,
+the PyTorch simulation of the INT8 model and the deploy model (ONNX Runtime) on the evaluation
+images (the first --eval images, by default all of them)."""
+
+
+EPILOG = f"""\
+outputs (NAME: --name, else the --model name or the FACTORY name; OUTPUT: --output, else outputs/NAME):
+  OUTPUT/tmp/config.json               per-layer quantization config (create_quant_config)
+  OUTPUT/tmp/record.txt                scales and offsets of every quantized layer
+  OUTPUT/tmp/modified_model.onnx       BN-folded float model (quantize_model)
+  OUTPUT/NAME_deploy_model.onnx        INT8 QDQ model for deployment (ONNX Runtime, ATC)
+  OUTPUT/NAME_fake_quant_model.onnx    float model simulating INT8 (same numbers as the deploy one)
+  OUTPUT/quant_report.json             accuracies, parity, per-layer SQNR, paths and timings
+  OUTPUT/layer_error.png               per-layer quantization error (SQNR in dB, on the first
+                                       {LAYER_ERROR_IMAGES} calibration images)
+  ./amct_log/amct_pytorch.log          AMCT-format log of the run
+
+example:
+  openamct calibrate --model efficientnet_lite0 --images data/images --labels data/synsets.txt \\
+      --batch-num 2 --batch-size 16 --eval 100"""
+
+
 def add_parser(commands) -> None:
-    calibrate = commands.add_parser(
-        "calibrate", help="quantize a model on calibration images, export it to ONNX and compare accuracies",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Quantize a model with AMCT's post-training flow and compare its accuracy before and after.\n\n"
-                    "Steps: create_quant_config (from --config, else default W8A8 with --skip-layers and "
-                    "--batch-num)\n-> quantize_model (BN folding, the fused ONNX model) -> calibration on the first "
-                    "batch_num x batch_size\nimages of --images -> save_model (deploy and fake-quant ONNX models) -> "
-                    "evaluation of the FP32 model,\nthe PyTorch simulation of the INT8 model and the deploy model "
-                    "(ONNX Runtime) on the evaluation\nimages (the first --eval images, by default all of them).",
-        epilog="outputs (NAME: --name, else the --model name or the FACTORY name; OUTPUT: --output, else "
-               "outputs/NAME):\n"
-               "  OUTPUT/tmp/config.json               per-layer quantization config (create_quant_config)\n"
-               "  OUTPUT/tmp/record.txt                scales and offsets of every quantized layer\n"
-               "  OUTPUT/tmp/modified_model.onnx       BN-folded float model (quantize_model)\n"
-               "  OUTPUT/NAME_deploy_model.onnx        INT8 QDQ model for deployment (ONNX Runtime, ATC)\n"
-               "  OUTPUT/NAME_fake_quant_model.onnx    float model simulating INT8 (same numbers as the deploy one)\n"
-               "  OUTPUT/quant_report.json             accuracies, parity, per-layer SQNR, paths and timings\n"
-               "  OUTPUT/layer_error.png               per-layer quantization error (SQNR in dB, on the first\n"
-               f"                                       {LAYER_ERROR_IMAGES} calibration images)\n"
-               "  ./amct_log/amct_pytorch.log          AMCT-format log of the run\n\n"
-               "example:\n"
-               "  openamct calibrate --model efficientnet_lite0 --images data/images --labels data/synsets.txt \\\n"
-               "      --batch-num 2 --batch-size 16 --eval 100\n\n"
-               "exit status: 0 done, 2 bad input (one error line on stderr), 1 internal error.")
+    calibrate = common.add_command(commands, "calibrate", SUMMARY, DESCRIPTION, EPILOG)
     common.model_arguments(calibrate, onnx=False)
     calibrate.add_argument("--name", metavar="NAME",
                            help="prefix of the exported files (default: the --model name or the FACTORY name)")

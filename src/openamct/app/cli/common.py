@@ -14,6 +14,7 @@ import torch
 from ...core.config import LAYER_GROUPS
 
 EXIT_USAGE = 2
+EXIT_STATUS = "\n\nexit status: 0 done, 2 bad input (one error line on stderr), 1 internal error."
 PREPROCESSING = ("imagenet", "efficientnet_lite0", "resnet101")
 
 
@@ -26,6 +27,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+
+def add_command(commands, name: str, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A sub-command whose description and epilog keep their line breaks; the epilog ends with the exit codes."""
+    return commands.add_parser(name, help=summary, description=description, epilog=epilog + EXIT_STATUS,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # ------------------------------------------------------------------------------------------------ arguments

@@ -1,7 +1,6 @@
 """`openamct evaluate`: top-1/top-5 of an FP32 PyTorch model or of an ONNX model (ONNX Runtime, CPU)."""
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -9,17 +8,20 @@ from pathlib import Path
 from ..evaluation import OnnxPredictor, TorchPredictor, evaluate
 from . import common
 
+SUMMARY = "top-1/top-5 accuracy of an FP32 model or of an exported ONNX model"
+DESCRIPTION = """\
+Print the top-1/top-5 accuracy of a PyTorch model (FP32) or of an ONNX model on labelled images."""
+
+
+EPILOG = """\
+examples:
+  openamct evaluate --model efficientnet_lite0 --images data/images --labels data/synsets.txt
+  openamct evaluate --onnx outputs/efficientnet_lite0/efficientnet_lite0_deploy_model.onnx \\
+      --images data/images --labels data/synsets.txt"""
+
 
 def add_parser(commands) -> None:
-    evaluate = commands.add_parser(
-        "evaluate", help="top-1/top-5 accuracy of an FP32 model or of an exported ONNX model",
-        description="Print the top-1/top-5 accuracy of a PyTorch model (FP32) or of an ONNX model on labelled images.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  openamct evaluate --model efficientnet_lite0 --images data/images --labels data/synsets.txt\n"
-               "  openamct evaluate --onnx outputs/efficientnet_lite0/efficientnet_lite0_deploy_model.onnx \\\n"
-               "      --images data/images --labels data/synsets.txt\n\n"
-               "exit status: 0 done, 2 bad input (one error line on stderr), 1 internal error.")
+    evaluate = common.add_command(commands, "evaluate", SUMMARY, DESCRIPTION, EPILOG)
     common.model_arguments(evaluate, onnx=True)
     common.data_arguments(evaluate, eval_help="evaluate on the first N images (default: all images)", eval_min=1)
     common.device_argument(evaluate)

@@ -3,7 +3,6 @@ calibration -> training -> save_quant_retrain_model), single process or DDP unde
 the QAT model and its deploy ONNX model evaluated on the held-out images."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -15,9 +14,9 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from ... import amct
-from ...amct.config_files import load_retrain_json
+from ...amct.config_files import load_retrain_json, retrain_cfg
 from ...core import qat
-from ...core.capture import capture, layer_groups
+from ...core.capture import capture, group_members
 from ...core.config import LAYER_GROUPS
 from ...core.fileio import write_text
 from ...onnx_export.parity import describe
@@ -26,31 +25,36 @@ from ..data import ImageLoader
 from ..evaluation import OnnxPredictor, TorchPredictor, evaluate
 from . import common
 
+SUMMARY = "quantization-aware training: train the quantized model, export it, compare accuracies"
+DESCRIPTION = """\
+Train a model quantized (AMCT's QAT flow) and compare its accuracy before and after.
+
+Steps: create_quant_retrain_config (from --config, else ULQ activations and --weight-bits weights)
+-> create_quant_retrain_model, started from a PTQ calibration by default -> --steps training steps
+on the first --train images (distillation from the FP32 model by default) -> save_quant_retrain_model
+-> evaluation of the FP32 model, the QAT model and its deploy ONNX model on the other images.
+
+Multi-process: torchrun --nproc_per_node N $(which openamct) retrain ... (gloo on CPU, nccl with
+--device cuda; --batch-size is per process, only rank 0 writes files)."""
+
+
+EPILOG = """\
+outputs (OUTPUT: --output, else outputs/NAME_retrain):
+  OUTPUT/tmp/retrain.cfg                the QAT simple config used (--config, or the generated one)
+  OUTPUT/tmp/config.json                per-layer QAT config (create_quant_retrain_config)
+  OUTPUT/tmp/record.txt                 scales and offsets of every quantized layer
+  OUTPUT/tmp/checkpoint.pth             {'state_dict': ...} for restore_quant_retrain_model
+  OUTPUT/NAME_deploy_model.onnx         INT8 QDQ model for deployment
+  OUTPUT/NAME_fake_quant_model.onnx     float model simulating it
+  OUTPUT/retrain_report.json            accuracies, losses, parity, paths and timings
+
+example:
+  openamct retrain --model efficientnet_lite0 --images data/images --labels data/synsets.txt \\
+      --train 600 --weight-bits 4 --steps 150"""
+
 
 def add_parser(commands) -> None:
-    retrain = commands.add_parser(
-        "retrain", help="quantization-aware training: train the quantized model, export it, compare accuracies",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a model quantized (AMCT's QAT flow) and compare its accuracy before and after.\n\n"
-                    "Steps: create_quant_retrain_config (from --config, else ULQ activations and --weight-bits "
-                    "weights)\n-> create_quant_retrain_model, started from a PTQ calibration by default -> --steps "
-                    "training steps\non the first --train images (distillation from the FP32 model by default) -> "
-                    "save_quant_retrain_model\n-> evaluation of the FP32 model, the QAT model and its deploy ONNX "
-                    "model on the other images.\n\n"
-                    "Multi-process: torchrun --nproc_per_node N $(which openamct) retrain ... (gloo on CPU, nccl "
-                    "with\n--device cuda; --batch-size is per process, only rank 0 writes files).",
-        epilog="outputs (OUTPUT: --output, else outputs/NAME_retrain):\n"
-               "  OUTPUT/tmp/retrain.cfg                the QAT simple config used (--config, or the generated one)\n"
-               "  OUTPUT/tmp/config.json                per-layer QAT config (create_quant_retrain_config)\n"
-               "  OUTPUT/tmp/record.txt                 scales and offsets of every quantized layer\n"
-               "  OUTPUT/tmp/checkpoint.pth             {'state_dict': ...} for restore_quant_retrain_model\n"
-               "  OUTPUT/NAME_deploy_model.onnx         INT8 QDQ model for deployment\n"
-               "  OUTPUT/NAME_fake_quant_model.onnx     float model simulating it\n"
-               "  OUTPUT/retrain_report.json            accuracies, losses, parity, paths and timings\n\n"
-               "example:\n"
-               "  openamct retrain --model efficientnet_lite0 --images data/images --labels data/synsets.txt \\\n"
-               "      --train 600 --weight-bits 4 --steps 150\n\n"
-               "exit status: 0 done, 2 bad input (one error line on stderr), 1 internal error.")
+    retrain = common.add_command(commands, "retrain", SUMMARY, DESCRIPTION, EPILOG)
     common.model_arguments(retrain, onnx=False)
     retrain.add_argument("--name", metavar="NAME", help="prefix of the exported files (default: the model name)")
     common.data_arguments(retrain, eval_help="evaluate on at most N of the held-out images (default: all of them)",
@@ -86,12 +90,6 @@ def add_parser(commands) -> None:
     train.add_argument("--seed", type=int, default=0, help="seed of the shuffling and augmentation (default 0)")
     common.device_argument(retrain)
     retrain.set_defaults(func=run)
-
-
-RETRAIN_CFG = ("batch_num: {batch_num}\n"
-               "retrain_weight_quant_config {{ {algo} {{ dst_type: INT{bits} }} }}\n")
-INT8_OVERRIDE = ('override_layer_configs {{ layer_name: "{name}" '
-                 'retrain_weight_quant_config {{ arq_retrain {{ dst_type: INT8 }} }} }}\n')
 
 
 def _distributed(device: torch.device) -> tuple[int, int]:
@@ -137,13 +135,8 @@ def run(args) -> int:
 
     if rank == 0:
         if not args.config:
-            algo = "arq_retrain" if weight_bits == 8 else "ulq_retrain"
-            text = RETRAIN_CFG.format(batch_num=args.batch_num, algo=algo, bits=weight_bits)
-            if weight_bits < 8 and int8_layers:
-                info = capture(model, input_data)
-                groups = layer_groups(info)
-                text += "".join(INT8_OVERRIDE.format(name=name) for name in info.layers
-                                if any(name in groups[group] for group in int8_layers))
+            int8 = group_members(capture(model, input_data), int8_layers) if weight_bits < 8 else []
+            text = retrain_cfg(args.batch_num, weight_bits, int8)
             write_text(str(cfg), text)
         amct.create_quant_retrain_config(str(config_file), model, input_data, args.config or str(cfg))
         if args.config:

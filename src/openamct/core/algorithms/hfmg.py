@@ -9,7 +9,8 @@ from ..primitives import observed_values
 
 
 def _error_antiderivative(x: np.ndarray, lo, hi, step) -> np.ndarray:
-    """G with G(b) - G(a) = integral over [a, b] of (t - Q(t))^2 dt, Q = nearest level of lo + k*step clamped to [lo, hi]."""
+    """G with G(b) - G(a) = integral over [a, b] of (t - Q(t))^2 dt, Q = nearest level of lo + k*step clamped to
+    [lo, hi]."""
     inside = np.clip(x, lo, hi)
     u = (inside - lo) / step + 0.5
     n = np.floor(u)
