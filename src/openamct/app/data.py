@@ -18,6 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's cap (about 89 million pixels): larger files are skipped
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -37,7 +39,7 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """Return a float32 CHW array."""
-        image = image.convert("RGB")
+        image = as_rgb(image)
         width, height = image.size
         # The long side is rounded and the crop offset floored: the rounding the sample accuracies in
         # shared/data/imagenet-sample were measured with (torchvision's truncation moves a few images).
@@ -52,6 +54,14 @@ class Preprocess:
     def augment(self, scale: tuple[float, float] = (0.08, 1.0)) -> Augment:
         """The training preprocessing that goes with this one (same crop size, normalisation, interpolation)."""
         return Augment(self.crop, self.mean, self.std, self.interpolation, scale)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode PIL decodes: gray, palette, RGBA, CMYK as PIL converts them; 16-bit gray scaled to
+    8 bits (PIL's own conversion would clip it to white)."""
+    if image.mode in _SIXTEEN_BIT:
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _normalised(image: Image.Image, mean, std) -> np.ndarray:
@@ -74,7 +84,7 @@ class Augment:
     scale: tuple[float, float] = (0.08, 1.0)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        image = image.convert("RGB")
+        image = as_rgb(image)
         width, height = image.size
         box = None
         for _ in range(10):
@@ -110,12 +120,15 @@ class LabelledImages(Dataset):
 
     A label file is read as an image list when its first entry names an image file, else as a synset
     list. Files are sorted by name except for image lists; ``limit`` keeps the first N.
-    Items are ``(float32 CHW array, class index)``.
+    Items are ``(float32 CHW array, class index)``. An image file that declares more than ``max_pixels`` pixels is
+    refused before it is decoded (a "decompression bomb" would take the memory of a whole run).
     """
 
-    def __init__(self, root, preprocess: Preprocess, labels=None, limit: int | None = None):
+    def __init__(self, root, preprocess: Preprocess, labels=None, limit: int | None = None,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
         self.root = Path(root)
         self.preprocess = preprocess
+        self.max_pixels = max_pixels
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         label_file = Path(labels) if labels is not None else _find_label_file(self.root)
@@ -146,8 +159,11 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return self.preprocess(image), label
+        Image.MAX_IMAGE_PIXELS = self.max_pixels  # PIL's own check, in whichever process decodes
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return self.preprocess(image), label
 
 
 def _find_label_file(root: Path) -> Path | None:
@@ -235,6 +251,8 @@ class _Tolerant(Dataset):
             image, label = self.images[index]
         except (OSError, SyntaxError, ValueError) as err:
             return path, None, -1, f"{type(err).__name__}: {err}"
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            return path, None, -1, f"{err} (the cap on decoded pixels; --max-image-pixels raises it)"
         return path, image, label, None
 
 

@@ -1,7 +1,10 @@
 """The QAT training loop: optimizer steps over a loader with optional distillation from the FP32 model and mixup,
 a progress bar with the loss on rank 0. It trains any model; the QAT model comes from amct's
 create_quant_retrain_model or openamct.core.qat.prepare_retrain."""
+import contextlib
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -25,6 +28,23 @@ def _loss(logits, teacher_logits, labels, kd_weight: float, temperature: float) 
     if teacher_logits is None:
         return F.cross_entropy(logits, labels)
     return distillation_loss(logits, teacher_logits, labels, kd_weight, temperature)
+
+
+class PeerLost(RuntimeError):
+    """Another process of a distributed run stopped: this one stops too, instead of waiting for it."""
+
+
+@contextlib.contextmanager
+def _peers_watched():
+    """Under DDP, a collective (buffer broadcast, gradient all-reduce) that fails because another process died
+    becomes PeerLost, with the backend's own first line."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeerLost(f"rank {dist.get_rank()}: the distributed run lost a process ({first}); stopping") from err
 
 
 def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, teacher: nn.Module | None = None,
@@ -55,15 +75,17 @@ def train(model: nn.Module, loader, steps: int, optimizer, *, scheduler=None, te
             lam = float(blend.sample()) if blend is not None else 1.0
             if lam < 1.0:
                 images = lam * images + (1 - lam) * images.flip(0)
-            logits, teacher_logits = model(images), None
-            if teacher is not None and kd_weight > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
-            loss = _loss(logits, teacher_logits, labels, kd_weight, temperature)
-            if lam < 1.0:  # the label loss blended as the images were
-                loss = lam * loss + (1 - lam) * _loss(logits, teacher_logits, labels.flip(0), kd_weight, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with _peers_watched():
+                logits, teacher_logits = model(images), None
+                if teacher is not None and kd_weight > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                loss = _loss(logits, teacher_logits, labels, kd_weight, temperature)
+                if lam < 1.0:  # the label loss blended as the images were
+                    loss = lam * loss + (1 - lam) * _loss(logits, teacher_logits, labels.flip(0), kd_weight,
+                                                          temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import log
-from .capture import ModelInfo, capture, fold_bn, fusions, layer_groups, set_module, weight_axis
+from .capture import ModelInfo, capture, check_finite, fold_bn, fusions, layer_groups, set_module, weight_axis
 from .config import LayerConfig, QuantConfig, Rule, apply_rules, check_names, check_nuq_types
 from .layer import QuantLayer
 from .quantizers import ActQuantizer
@@ -46,6 +46,7 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
     `info`: the model's capture, when the caller already has it. `make_quantizer(name, bounds)` and
     `make_layer(layer, name, input_quantizer, axis, output_quantizer)` build the quantizers and layers (QAT passes
     learning ones); by default the PTQ ActQuantizer and QuantLayer."""
+    check_finite(model)
     info = info or capture(model, input_data)
     check_names(config.layers, info.layers, "layer")
     check_names(config.skip_fusion_layers, info.layers, "skip_fusion_layers entry")

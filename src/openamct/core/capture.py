@@ -14,6 +14,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .config import InputError
+
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 _BN_FOR_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 _ADDS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
@@ -222,6 +224,19 @@ def fold_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> bool:
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model whose parameters or floating-point buffers (BN statistics) hold NaN or Inf, naming the layer
+    and the parameter: quantizing it would only fail later, at a layer that reads the damage."""
+    for name, module in model.named_modules():
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for tensor_name, tensor in tensors:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise InputError(f"layer '{name or type(model).__name__}': {tensor_name} holds {bad} NaN or Inf "
+                                 f"value(s) of {tensor.numel()}: the model cannot be quantized; check its weights "
+                                 f"(the checkpoint, or a training run that diverged)")
 
 
 def fusions(info: ModelInfo, do_fusion: bool = True, skip_fusion_layers=()) -> tuple[dict, dict]:

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A config file or argument that cannot be used; the message says where."""
 
 
+class InputError(ValueError):
+    """A model or calibration data that cannot be quantized as given (non-finite weights or activations, ...); the
+    message names the layer and what to try."""
+
+
 def check(ok: bool, name: str, value, expected: str) -> None:
     if not ok:
         raise ConfigError(f"field '{name}': got {value!r}, expected {expected}")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import log
 from .algorithms import gptq, nuq
 from .algorithms.bias_correction import correct_bias
 from .algorithms.scale_refit import refit_scales
@@ -65,6 +66,7 @@ class _WeightJob:
         self.original = self.weight.detach().clone()
         self.mean, self.power, self.hessian = mean, power, hessian
         self.chosen = None
+        self.fallback = None  # why an algorithm gave way to a simpler one
 
     def per_weight(self, channel_values: torch.Tensor) -> torch.Tensor:
         """Per-input-channel values laid out as the weight's [out, in per group]."""
@@ -84,16 +86,29 @@ def _nuq_codebook(job: _WeightJob) -> None:
 
 
 def _gptq(job: _WeightJob) -> None:
+    """GPTQ, or nearest rounding (with the reason in `job.fallback`) where its Cholesky factorisation fails: on
+    statistics that overflowed float32, or a Hessian that the damping cannot make positive definite."""
     job.quantizer.fixed_scales = job.quantizer.scales(job.weight)  # GPTQ's weights must not move their scales
     solve = gptq.gptq_depthwise if job.hessian.dim() == 3 else gptq.gptq
-    job.chosen = solve(job.weight, job.hessian, job.quantizer)
+    try:
+        if not torch.isfinite(job.hessian).all():
+            raise torch.linalg.LinAlgError("the input statistics overflowed float32 (inputs beyond about 1e19)")
+        job.chosen = solve(job.weight, job.hessian, job.quantizer)
+    except torch.linalg.LinAlgError as err:
+        job.quantizer.fixed_scales, job.chosen = None, None
+        reason = str(err).splitlines()[0]
+        job.fallback = (f"GPTQ failed ({reason}); its weights are rounded to nearest instead. Check the calibration "
+                        f"data for extreme values, or set rounding to nearest for this layer")
 
 
 def _scale_refit(job: _WeightJob) -> None:
-    job.chosen = refit_scales(job.weight, job.chosen, job.metric(), job.quantizer)
+    if job.chosen is not None:
+        job.chosen = refit_scales(job.weight, job.chosen, job.metric(), job.quantizer)
 
 
 def _nuq_level_refit(job: _WeightJob) -> None:
+    if job.chosen is None:
+        return
     quantizer, metric = job.quantizer, job.metric()
     rounding = [WEIGHT_STEPS[step] for step in ("gptq", "scale_refit") if step in job.pipeline]
     best = None
@@ -141,6 +156,7 @@ class QuantLayer(nn.Module):
         self.weight_quantizer = WeightQuantizer(config.weight, axis)
         self.output_quantizer = output_quantizer
         self.pipeline = weight_pipeline(config, layer, axis)
+        self.fallback = None  # set when a weight algorithm failed and a simpler one served (logged, reported)
         self.input_moments = None  # running sums of each input channel's mean and mean square
         self.hessian = None  # GPTQ: running sum of E[x x^T] over the weight's columns
         self._batches = 0
@@ -175,6 +191,9 @@ class QuantLayer(nn.Module):
         job.pipeline = self.pipeline
         for step in self.pipeline:
             WEIGHT_STEPS[step](job)
+        if job.fallback:
+            self.fallback = job.fallback
+            log.warning(f"layer '{self.name}': {job.fallback}", "GPTQ")
         if job.chosen is not None:
             with torch.no_grad():
                 self.layer.weight.copy_(job.chosen)

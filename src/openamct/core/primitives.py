@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .config import InputError
+
 FLT_EPSILON = 1.1920929e-07
 
 
@@ -107,9 +109,10 @@ def observed_values(x: torch.Tensor, layer: str) -> tuple[torch.Tensor, float, f
     """An observer's batch as flattened float data and its (min, max); NaN and Inf show up in min/max, which is
     cheaper than isfinite."""
     if x.numel() == 0:
-        raise ValueError(f"layer '{layer}': empty calibration batch")
+        raise InputError(f"layer '{layer}': empty calibration batch")
     x = x.detach().float().reshape(-1)
     lo, hi = (float(v) for v in torch.aminmax(x))
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"layer '{layer}': calibration input holds NaN or Inf values")
+        raise InputError(f"layer '{layer}': calibration input holds NaN or Inf values (the model's weights are "
+                         f"finite: check the calibration data and what the layers before it compute)")
     return x, lo, hi

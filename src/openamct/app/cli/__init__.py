@@ -19,8 +19,9 @@ import torch
 
 from ... import __version__
 from ...amct import amct_log
-from ...core.config import ConfigError
+from ...core.config import ConfigError, InputError
 from ..evaluation import EvaluationError
+from ..training import PeerLost
 from . import calibrate, common, evaluate, retrain
 
 
@@ -68,13 +69,17 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         with _console_log_level(args.verbose):
             return args.func(args)
-    except (common.UsageError, ConfigError, EvaluationError) as err:
+    except (common.UsageError, ConfigError, EvaluationError, InputError) as err:
         print(f"openamct {args.command}: error: {common.one_line(err)}", file=sys.stderr)
         return common.EXIT_USAGE
+    except PeerLost as err:
+        print(f"openamct {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"openamct {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        common.release_locks()
         torch.set_num_threads(threads)
 
 

@@ -92,6 +92,7 @@ def run(args) -> int:
     name = args.name or model_name
     output = Path(args.output or Path("outputs") / name)
     tmp = output / "tmp"
+    common.check_output_folder(tmp, model)
     config_file, record_file, fused_file = tmp / "config.json", tmp / "record.txt", tmp / "modified_model.onnx"
     model.to(device)
     input_data = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -166,6 +167,7 @@ def run(args) -> int:
                               "images": len(calibration) - calibration_skipped},
               "evaluation": results, "skipped_images": skipped, "parity": saved["parity"],
               "layer_sqnr_db": errors, "layer_sqnr_db_isolated": isolated, "weight_bytes": saved["weight_bytes"],
+              "fallbacks": {name: layer.fallback for name, layer in quant_layers(qmodel).items() if layer.fallback},
               "paths": {key: os.path.abspath(value) for key, value in paths.items()}, "timings_s": timings}
     write_text(paths["report"], json.dumps(common.json_safe(report), indent=2) + "\n")
     _print_summary(report, args)
@@ -213,6 +215,8 @@ def _print_summary(report, args) -> None:
     for key, label in labels.items():
         if key in report["paths"]:
             out.append(f"  {label:<18} {report['paths'][key]}")
+    for name, why in report["fallbacks"].items():
+        out.append(f"\nWarning: layer {name}: {why}")
     out.append(f"\nSkipped images: {len(report['skipped_images'])}")
     for path in report["skipped_images"][:10]:
         out.append(f"  {path}")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 
 from ...core.config import LAYER_GROUPS
+from ..data import MAX_IMAGE_PIXELS
 
 EXIT_USAGE = 2
 EXIT_STATUS = "\n\nexit status: 0 done, 2 bad input (one error line on stderr), 1 internal error."
@@ -118,6 +121,9 @@ def data_arguments(parser, *, eval_help: str, eval_min: int) -> None:
     group.add_argument("--eval", type=non_negative if eval_min == 0 else positive, metavar="N", help=eval_help)
     group.add_argument("--workers", type=non_negative, default=2, metavar="N",
                        help="image decoding processes; 0 decodes in the main process (default 2)")
+    group.add_argument("--max-image-pixels", type=positive, default=MAX_IMAGE_PIXELS, metavar="N",
+                       help="skip image files that declare more pixels than this, before decoding them "
+                            f"(default {MAX_IMAGE_PIXELS}, PIL's)")
 
 
 def device_argument(parser) -> None:
@@ -163,7 +169,7 @@ def preprocessing(name: str):
 def dataset(args, preprocess):
     from ..data import LabelledImages
     try:
-        return LabelledImages(args.images, preprocess, labels=args.labels)
+        return LabelledImages(args.images, preprocess, labels=args.labels, max_pixels=args.max_image_pixels)
     except (OSError, ValueError) as err:
         raise UsageError(str(err)) from None
 
@@ -186,6 +192,38 @@ def load_model(args):
     except (OSError, ImportError, ValueError, TypeError, RuntimeError, SyntaxError) as err:
         where = args.model or args.model_file
         raise UsageError(f"cannot load model {where}: {one_line(err)}") from None
+
+
+_LOCKS = []  # the open lock files of this command's output folders, held until it ends (release_locks)
+
+
+def check_output_folder(folder: Path, model) -> None:
+    """Fail now, not after a long calibration, where the outputs cannot be written: a folder that cannot be
+    created or written to, one another openamct run is writing to, or a disk without room for the outputs (about
+    three times the model's float32 weights: the fused and the fake-quant models in float, the deploy model in
+    INT8, the checkpoint). The folder stays locked against other runs until the command ends."""
+    need = 3 * sum(p.numel() * 4 for p in model.parameters()) + (1 << 20)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".openamct.lock", "a+")  # noqa: SIM115 (held open: the lock lives as long as the run)
+    except OSError as err:
+        raise UsageError(f"cannot write the outputs to {folder}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UsageError(f"another openamct run is writing to {folder}: wait for it or choose another --output") \
+            from None
+    _LOCKS.append(lock)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UsageError(f"{folder} has {free / 2 ** 20:.0f} MB free; the outputs need about "
+                         f"{need / 2 ** 20:.0f} MB: free some space or choose another --output")
+
+
+def release_locks() -> None:
+    while _LOCKS:
+        _LOCKS.pop().close()
 
 
 def load_weights(model, path):

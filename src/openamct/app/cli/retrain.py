@@ -128,6 +128,8 @@ def run(args) -> int:
     name = args.name or model_name
     output = Path(args.output or Path("outputs") / f"{name}_retrain")
     tmp = output / "tmp"
+    if rank == 0:
+        common.check_output_folder(tmp, model)
     cfg, config_file, record_file = tmp / "retrain.cfg", tmp / "config.json", tmp / "record.txt"
     model.to(device)
     input_data = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device)
