@@ -262,7 +262,8 @@ class _PadInForward(torch.nn.Conv2d):
     def forward(self, x):
         total = [max((-(-size // s) - 1) * s + k - size, 0)
                  for size, s, k in zip(x.shape[2:], self.stride, self.kernel_size)]
-        x = torch.nn.functional.pad(x, [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2])
+        pads = [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2]
+        x = torch.nn.functional.pad(x, pads)
         return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 

@@ -256,8 +256,8 @@ def test_cfg_refuses_fields_it_cannot_honour(tmp_path, text, line, message):
 
 def test_cfg_activation_dst_type_int8_is_honoured(tmp_path):
     path = tmp_path / "q.cfg"
-    path.write_text("common_config { ifmr_quantize { dst_type: INT8 } }\n"
-                    "override_layer_configs { layer_name: \"fc\" calibration_config { hfmg_quantize { dst_type: INT8 } } }\n")
+    path.write_text("common_config { ifmr_quantize { dst_type: INT8 } }\noverride_layer_configs {\n"
+                    " layer_name: \"fc\" calibration_config { hfmg_quantize { dst_type: INT8 } } }\n")
     config = config_from_cfg(str(path), LAYERS)
     assert {layer.activation.num_bits for layer in config.layers.values()} == {8}
     assert config.layers["fc"].activation.act_algo == "hfmg"

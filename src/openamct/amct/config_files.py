@@ -25,6 +25,7 @@ from ..core.config import (
     Rule,
     WeightQuantParams,
     apply_rules,
+    check,
     check_names,
     check_nuq_types,
 )
@@ -42,6 +43,12 @@ FP16_REFUSED = ("fakequant_precision_mode FORCE_FP16_QUANT is not supported: ope
 def _line_of(text: str, needle: str) -> int:
     index = text.find(needle)
     return text.count("\n", 0, index) + 1 if index >= 0 else 1
+
+
+def _field_line(text: str, error: ConfigError) -> int:
+    """The line of the JSON key a global field's error names."""
+    match = re.search(r"field '([\w]+)", str(error))
+    return _line_of(text, f'"{match.group(1)}"') if match else 1
 
 
 # ---------------------------------------------------------------- per-layer JSON
@@ -89,6 +96,18 @@ def save_retrain_json(config: RetrainConfig, path: str) -> None:
     write_text(path, json.dumps(out, indent=4) + "\n")
 
 
+def _flag(obj: dict, key: str, default: bool = True) -> bool:
+    value = obj.get(key, default)
+    check(isinstance(value, bool), key, value, "true or false")
+    return value
+
+
+def _names(obj: dict, key: str) -> tuple:
+    value = obj.get(key, [])
+    check(isinstance(value, list) and all(isinstance(v, str) for v in value), key, value, "a list of layer names")
+    return tuple(value)
+
+
 def _fields(obj: dict, known: tuple, where: str) -> None:
     for key in obj:
         if key == "dmq_balancer_param":
@@ -102,13 +121,13 @@ def _layer_from_json(obj: dict) -> LayerConfig:
     act = dict(obj.get("activation_quant_params", {}))
     if "search_range" in act:
         act["search_range"] = tuple(act["search_range"])
-    return LayerConfig(quant_enable=bool(obj.get("quant_enable", True)), activation=ActQuantParams(**act),
+    return LayerConfig(quant_enable=_flag(obj, "quant_enable"), activation=ActQuantParams(**act),
                        weight=WeightQuantParams(**obj.get("weight_quant_params", {})))
 
 
 def _retrain_layer_from_json(obj: dict) -> RetrainLayerConfig:
     _fields(obj, ("retrain_enable", "retrain_data_config", "retrain_weight_config"), "layer entry")
-    return RetrainLayerConfig(retrain_enable=bool(obj.get("retrain_enable", True)),
+    return RetrainLayerConfig(retrain_enable=_flag(obj, "retrain_enable"),
                               data=RetrainDataParams(**obj.get("retrain_data_config", {})),
                               weight=RetrainWeightParams(**obj.get("retrain_weight_config", {})))
 
@@ -138,16 +157,17 @@ def _read_json(path: str, parse_layer, global_keys, known_layers) -> tuple[str, 
         if key in global_keys:
             continue
         try:
+            if known_layers is not None:
+                check_names([key], known_layers, "layer")
             if not isinstance(value, dict):
                 raise ConfigError(f"layer entry must be an object, got {value!r}")
             layers[key] = parse_layer(value)
-        except (ConfigError, TypeError) as e:
-            raise ConfigError(f"{path}:{_line_of(text, json.dumps(key))}: layer '{key}': {e}") from None
-    if known_layers is not None:
-        try:
-            check_names(layers, known_layers, "layer")
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            where = f"{path}:{_line_of(text, json.dumps(key))}"
+            raise ConfigError(f"{where}: {e}" if str(e).startswith("layer '") else f"{where}: layer '{key}': {e}") \
+                from None
+        except TypeError as e:
+            raise ConfigError(f"{path}:{_line_of(text, json.dumps(key))}: layer '{key}': {e}") from None
     return text, data, layers
 
 
@@ -157,11 +177,10 @@ def load_json(path: str, known_layers=None) -> QuantConfig:
     text, data, layers = _read_json(path, _layer_from_json, keys, known_layers)
     try:
         return QuantConfig(layers=layers, batch_num=data.get("batch_num", 1),
-                           activation_offset=bool(data.get("activation_offset", True)),
-                           do_fusion=bool(data.get("do_fusion", True)),
-                           skip_fusion_layers=tuple(data.get("skip_fusion_layers", ())))
+                           activation_offset=_flag(data, "activation_offset"), do_fusion=_flag(data, "do_fusion"),
+                           skip_fusion_layers=_names(data, "skip_fusion_layers"))
     except ConfigError as e:
-        raise ConfigError(f"{path}:{_line_of(text, 'batch_num')}: {e}") from None
+        raise ConfigError(f"{path}:{_field_line(text, e)}: {e}") from None
 
 
 def load_retrain_json(path: str, known_layers=None) -> RetrainConfig:
@@ -170,7 +189,7 @@ def load_retrain_json(path: str, known_layers=None) -> RetrainConfig:
     try:
         return RetrainConfig(layers=layers, batch_num=data.get("batch_num", 1))
     except ConfigError as e:
-        raise ConfigError(f"{path}:{_line_of(text, 'batch_num')}: {e}") from None
+        raise ConfigError(f"{path}:{_field_line(text, e)}: {e}") from None
 
 
 # ---------------------------------------------------------------- simple config (.cfg)
@@ -182,12 +201,16 @@ def parse_cfg(path: str, root=calib_pb2.AMCTConfig):
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    message = root()
+    return parse_text(path, text, root())
+
+
+def parse_text(path: str, text: str, message):
+    """`message` filled from protobuf text; a syntax error becomes a ConfigError at `path:line:column`."""
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as e:
         match = re.match(r"(\d+):(\d+) : (.*)", str(e), re.S)
-        where = f"{path}:{match.group(1)}:{match.group(2)}" if match else path
+        where = f"{path}:{match.group(1)}:{match.group(2)}" if match else f"{path}:1"
         raise ConfigError(f"{where}: {match.group(3) if match else e}") from None
     return message
 

@@ -5,7 +5,10 @@ from google.protobuf import text_format
 from ..core.config import ConfigError
 from ..core.fileio import write_text
 from ..core.layer import LayerRecord
+from .config_files import parse_text
 from .proto import scale_offset_record_pytorch_pb2 as record_pb2
+
+_HONOURED = {"scale_d", "offset_d", "scale_w", "offset_w", "scale_o", "offset_o", "nuq_levels"}
 
 
 def write_record(path: str, records: dict) -> None:
@@ -26,17 +29,20 @@ def write_record(path: str, records: dict) -> None:
 
 def read_record(path: str) -> dict:
     """Layer name -> LayerRecord; errors carry `path:line`."""
-    message = record_pb2.ScaleOffsetRecord()
     try:
         with open(path, encoding="utf-8") as f:
-            text_format.Parse(f.read(), message)
+            text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: record file not found") from None
-    except text_format.ParseError as e:
-        raise ConfigError(f"{path}:{e}") from None
+    message = parse_text(path, text, record_pb2.ScaleOffsetRecord())
     out = {}
     for item in message.record:
         value = item.value
+        for field, content in value.ListFields():
+            if field.name not in _HONOURED and content != field.default_value:
+                line = text.count("\n", 0, max(text.find(field.name), 0)) + 1
+                raise ConfigError(f"{path}:{line}: layer '{item.key}': field '{field.name}' is not supported by "
+                                  f"openamct (a record of another tool?)")
         output = value.HasField("scale_o")
         out[item.key] = LayerRecord(scale_d=value.scale_d, offset_d=value.offset_d, scale_w=tuple(value.scale_w),
                                     offset_w=tuple(value.offset_w), scale_o=value.scale_o if output else None,

@@ -33,6 +33,33 @@ def check(ok: bool, name: str, value, expected: str) -> None:
         raise ConfigError(f"field '{name}': got {value!r}, expected {expected}")
 
 
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_types(obj, prefix: str) -> None:
+    """Each field of the dataclass `obj` holds a value of its declared type (a bool is not an int here, a string
+    is not a bool): a config file's "false" or "8" must not pass as true or 8."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), f.type
+        if getattr(kind, "__origin__", None) is tuple:  # tuple[float, float]
+            size = len(kind.__args__)
+            ok = isinstance(value, tuple) and len(value) == size and all(_is(v, float) for v in value)
+            check(ok, f"{prefix}.{f.name}", value, f"a list of {size} numbers")
+            continue
+        kinds = [k for k in getattr(kind, "__args__", (kind,)) if k is not type(None)]  # X | None
+        if value is None and len(kinds) < len(getattr(kind, "__args__", ())):
+            continue
+        if kinds[0] in _KINDS:
+            check(_is(value, kinds[0]), f"{prefix}.{f.name}", value, _KINDS[kinds[0]])
+
+
+def _is(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    numbers = (int, float) if kind is float else (kind,)
+    return isinstance(value, numbers) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ActQuantParams:
     num_bits: int = 8
@@ -45,6 +72,7 @@ class ActQuantParams:
     num_of_bins: int = 4096
 
     def __post_init__(self):
+        check_types(self, "activation_quant_params")
         check(self.num_bits in (4, 8), "activation_quant_params.num_bits", self.num_bits, "4 or 8")
         check(self.act_algo in ACT_ALGOS, "activation_quant_params.act_algo", self.act_algo, " or ".join(ACT_ALGOS))
         for name in ("max_percentile", "min_percentile"):
@@ -70,6 +98,7 @@ class WeightQuantParams:
     bias_correction: bool = True  # correct the output-mean shift that weight quantization leaves
 
     def __post_init__(self):
+        check_types(self, "weight_quant_params")
         check(self.num_bits in (4, 6, 7, 8), "weight_quant_params.num_bits", self.num_bits, "4, 6, 7 or 8")
         check(self.wts_algo in WTS_ALGOS, "weight_quant_params.wts_algo", self.wts_algo, " or ".join(WTS_ALGOS))
         if self.nuq:
@@ -244,6 +273,7 @@ class RetrainDataParams:
     dst_type: str = "INT8"
 
     def __post_init__(self):
+        check_types(self, "retrain_data_config")
         check(self.algo == "ulq_quantize", "retrain_data_config.algo", self.algo, "ulq_quantize")
         _dst_bits(self.dst_type, "retrain_data_config.dst_type")
         check((self.clip_max is None) == (self.clip_min is None), "retrain_data_config.clip_max/clip_min",
@@ -266,6 +296,7 @@ class RetrainWeightParams:
     dst_type: str = "INT8"
 
     def __post_init__(self):
+        check_types(self, "retrain_weight_config")
         check(self.algo in RETRAIN_WTS_ALGOS, "retrain_weight_config.algo", self.algo, " or ".join(RETRAIN_WTS_ALGOS))
         _dst_bits(self.dst_type, "retrain_weight_config.dst_type")
 

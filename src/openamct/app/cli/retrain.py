@@ -98,7 +98,7 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if device.type == "cuda":
-        torch.cuda.setdevice(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world
 
@@ -115,7 +115,7 @@ def run(args) -> int:
     device = common.device(args.device)
     rank, world = _distributed(device)
     if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.currentdevice())
+        device = torch.device("cuda", torch.cuda.current_device())
     preprocess_name = common.preprocess_name(args)
     preprocess = common.preprocessing(preprocess_name)
     dataset = common.dataset(args, preprocess)
