@@ -3,8 +3,9 @@ number of images.
 
 Run by hand (not in CI), e.g. ``python benchmarks/memory.py --out /tmp/membench``.
 - Calibration: EfficientNet-Lite0 through the AMCT calls (create_quant_config .. save_model), default W8A8, with
-  8, 32 and 128 batches of 32 images (the 800 sample images, cycled, memory-mapped so that the data set itself
-  adds no RSS). Each run is a spawned child; the peak is its VmHWM after calibration and after save_model.
+  8, 32 and 128 batches of 32 images: the first 256 sample images, held in memory in every run (so the data adds
+  the same to every peak) and cycled. Each run is a spawned child; the peak is its VmHWM after calibration and
+  after save_model.
   Calibration keeps fixed-size statistics (IFMR's bounded sample, HFMG's histogram, GPTQ's Hessians), so the
   peak must not grow with the batches.
 - Evaluation: `openamct evaluate --model efficientnet_lite0` on folders of 1 000 and 10 000 small generated
@@ -41,7 +42,7 @@ def calibrate_child(images_path: str, batch_num: int, work: str, queue) -> None:
     torch.set_num_threads(2)
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")
     os.chdir(work)
-    images = np.load(images_path, mmap_mode="r")
+    images = np.load(images_path)[:256]
     model = MODELS[MODEL].build(None)
     x0 = torch.from_numpy(np.array(images[:1]))
     base = proc_mem_mb()

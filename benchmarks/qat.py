@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import openamct as amct  # noqa: E402
 from openamct.amct.config_files import load_retrain_json, retrain_cfg  # noqa: E402
 from openamct.app import training  # noqa: E402
-from openamct.app.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
+from openamct.app.data import Accuracy, EpochSampler, ImageLoader, LabelledImages, top1_gap  # noqa: E402
 from openamct.app.evaluation import OnnxPredictor, TorchPredictor, logits  # noqa: E402
 from openamct.app.models import MODELS  # noqa: E402
 from openamct.core import qat  # noqa: E402
@@ -131,10 +131,9 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
             m(calib[i * size:(i + 1) * size]) for i in range(args.calib_batches)], dummy, args.calib_batches)
     ids = [device.index] if device.type == "cuda" else None
     trained = torch.nn.parallel.DistributedDataParallel(qmodel, device_ids=ids) if world > 1 else qmodel
-    train_set = images.subset(0, args.train, spec.preprocess.augment(scale=(0.25, 1.0)))
-    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
-    loader = ImageLoader(train_set, args.batch_size // world, workers=args.workers, shuffle=True, sampler=sampler,
-                         drop_last=True)
+    train_set = images.subset(0, args.train, spec.preprocess.augment(scale=(0.25, 1.0), seed=args.seed))
+    loader = ImageLoader(train_set, args.batch_size // world, workers=args.workers,
+                         sampler=EpochSampler(args.train, args.seed, rank, world), drop_last=True)
     groups = qat.parameter_groups(qmodel, weight_decay=0.0)
     groups[0]["lr"], groups[1]["lr"] = args.lr, args.quant_lr
     if args.lr == 0:  # the quantizers alone learn
@@ -150,7 +149,7 @@ def qat_worker(rank: int, world: int, args, bits: int, work: str, port: int) -> 
         start = time.perf_counter()
         losses += training.train(trained, loader, min(chunk, args.steps - done), optimizer, scheduler=scheduler,
                                 teacher=model, kd_weight=args.kd_weight, temperature=args.temperature,
-                                mixup=args.mixup, device=device)
+                                mixup=args.mixup, seed=args.seed, device=device)
         train_time += time.perf_counter() - start
         if args.eval_every and rank == 0:
             qmodel.eval()

@@ -1,6 +1,7 @@
 """Faults: bad images of every kind, killed and concurrent runs, outputs that cannot be written, a DDP peer that
 dies, non-finite weights and activations. Each test states what a user gets instead of a crash or a bad file."""
 import json
+import logging
 import os
 import signal
 import struct
@@ -112,12 +113,15 @@ def test_non_finite_weights_are_refused_naming_layer_and_parameter():
 
 
 def test_overflowing_activations_fall_back_to_nearest_rounding_with_a_warning(caplog):
+    logger = logging.getLogger("openamct")  # the AMCT calls of other tests may have stopped its propagation
+    logger.addHandler(caplog.handler)
     model, x = convnet(), ConvNet.example_input()
     batch = ConvNet.example_input(4) * 1e30  # finite, but its second moments overflow float32
     qmodel = amct.quantize(model, amct.default_config(model, x), lambda m: m(batch), x)
     fallbacks = {name: layer.fallback for name, layer in quant_layers(qmodel).items() if layer.fallback}
     assert list(fallbacks) == ["conv1"] and "GPTQ failed" in fallbacks["conv1"]
     assert "rounding to nearest" in fallbacks["conv1"] or "rounded to nearest" in fallbacks["conv1"]
+    logger.removeHandler(caplog.handler)
     assert any("layer 'conv1': GPTQ failed" in r.getMessage() for r in caplog.records)
     assert torch.isfinite(qmodel(batch)).all()
 
@@ -256,3 +260,55 @@ def test_a_dying_ddp_rank_ends_the_other_with_a_clear_error(tmp_path):
     assert codes[1] == 3 and codes[0] != 0
     assert time.perf_counter() - start < 120
     assert "PeerLost: rank 0: the distributed run lost a process" in runs[0].stderr.read()
+
+
+# ---------------------------------------------------------------- QAT killed mid-run
+
+KILLED_AT_STEP_4 = """
+import os, signal, sys
+from openamct.app import training
+from openamct.app.cli import main
+
+original = training.train
+
+def train(*args, checkpoint=None, **kwargs):
+    def then_die(state):
+        checkpoint(state)
+        if state["step"] == 4:
+            os.kill(os.getpid(), signal.SIGKILL)  # right after the step-4 checkpoint is on disk
+    return original(*args, checkpoint=then_die, **kwargs)
+
+training.train = train
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_qat_killed_mid_run_resumes_to_the_result_of_an_uninterrupted_run(tmp_path, capsys):
+    _calibrate_cli(tmp_path, str(tmp_path / "warm-up"), capsys)  # writes the model file and the images
+    for i in range(4, 12):  # 12 images: 8 train, 4 evaluate
+        Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(tmp_path / "images" / f"{WNID}_{i}.png")
+    options = ["retrain", "--model-file", f"{tmp_path / 'tiny.py'}:build", "--images", str(tmp_path / "images"),
+               "--labels", str(tmp_path / "synsets.txt"), "--train", "8", "--batch-size", "2", "--steps", "7",
+               "--checkpoint-every", "2", "--mixup", "0.5", "--workers", "1", "--batch-num", "1", "--threads", "1",
+               "--preprocess", "imagenet"]
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+
+    def run(output, *extra, script=None):
+        command = [sys.executable, "-c", script or "import sys\nfrom openamct.app.cli import main\n"
+                   "sys.exit(main(sys.argv[1:]))\n", *options, "--output", output, *extra]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert run("whole").returncode == 0
+    killed = run("resumed", script=KILLED_AT_STEP_4)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "resumed" / "tmp" / "checkpoint.pth").exists()  # it never finished
+    resumed = run("resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    whole, again = (json.loads((tmp_path / out / "retrain_report.json").read_text()) for out in ("whole", "resumed"))
+    assert len(again["losses"]) == 7 and again["losses"] == whole["losses"]
+    states = [torch.load(tmp_path / out / "tmp" / "checkpoint.pth", weights_only=True)["state_dict"]
+              for out in ("whole", "resumed")]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    other = run("resumed", "--resume", "--steps", "9")
+    assert other.returncode == 2 and "was written with other options: steps 7 (now 9)" in other.stderr

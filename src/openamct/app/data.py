@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's cap (about 89 million pixels): larger files are skipped
@@ -51,9 +51,9 @@ class Preprocess:
         image = image.crop((left, top, left + self.crop, top + self.crop))
         return _normalised(image, self.mean, self.std)
 
-    def augment(self, scale: tuple[float, float] = (0.08, 1.0)) -> Augment:
+    def augment(self, scale: tuple[float, float] = (0.08, 1.0), seed: int | None = None) -> Augment:
         """The training preprocessing that goes with this one (same crop size, normalisation, interpolation)."""
-        return Augment(self.crop, self.mean, self.std, self.interpolation, scale)
+        return Augment(self.crop, self.mean, self.std, self.interpolation, scale, seed)
 
 
 def as_rgb(image: Image.Image) -> Image.Image:
@@ -75,32 +75,38 @@ def _normalised(image: Image.Image, mean, std) -> np.ndarray:
 class Augment:
     """Training preprocessing: a crop of random area (a `scale` fraction of the image) and aspect ratio (3/4..4/3)
     resized to `crop`, then a random horizontal flip (torchvision's RandomResizedCrop + RandomHorizontalFlip).
-    Draws from torch's generator, so `torch.manual_seed` (and DataLoader's per-worker seeds) make it repeatable."""
+
+    Without a `seed` it draws from torch's global generator (repeatable under `torch.manual_seed` and DataLoader's
+    per-worker seeds). With one, LabelledImages draws each item's augmentation from (seed, epoch, index), as the
+    EpochSampler numbers items: a run then sees the same images whatever the workers, and a resumed run
+    continues exactly where it stopped."""
 
     crop: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
     scale: tuple[float, float] = (0.08, 1.0)
+    seed: int | None = None
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> np.ndarray:
         image = as_rgb(image)
         width, height = image.size
         box = None
         for _ in range(10):
-            area = width * height * float(torch.empty(1).uniform_(*self.scale))
-            aspect = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3))))
+            area = width * height * float(torch.empty(1).uniform_(*self.scale, generator=generator))
+            log_ratio = torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+            aspect = math.exp(float(log_ratio))
             w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if 0 < w <= width and 0 < h <= height:
-                left = int(torch.randint(0, width - w + 1, ()))
-                top = int(torch.randint(0, height - h + 1, ()))
+                left = int(torch.randint(0, width - w + 1, (), generator=generator))
+                top = int(torch.randint(0, height - h + 1, (), generator=generator))
                 box = (left, top, left + w, top + h)
                 break
         if box is None:  # fall back to the centre square
             side = min(width, height)
             box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
         image = image.resize((self.crop, self.crop), _RESAMPLE[self.interpolation], box=box)
-        if float(torch.rand(())) < 0.5:
+        if float(torch.rand((), generator=generator)) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return _normalised(image, self.mean, self.std)
 
@@ -157,12 +163,17 @@ class LabelledImages(Dataset):
         part.preprocess = preprocess or self.preprocess
         return part
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[index]
+    def __getitem__(self, item: int) -> tuple[np.ndarray, int]:
+        """Item `item` is image `item % len(self)`; a larger `item` (EpochSampler's epoch * len(self) + index) also
+        seeds a seeded augmentation."""
+        path, label = self.samples[item % len(self.samples)]
         Image.MAX_IMAGE_PIXELS = self.max_pixels  # PIL's own check, in whichever process decodes
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if isinstance(self.preprocess, Augment) and self.preprocess.seed is not None:
+                    generator = torch.Generator().manual_seed((self.preprocess.seed << 32) + item)
+                    return self.preprocess(image, generator), label
                 return self.preprocess(image), label
 
 
@@ -246,7 +257,7 @@ class _Tolerant(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        path = str(self.images.samples[index][0])
+        path = str(self.images.samples[index % len(self.images.samples)][0])
         try:
             image, label = self.images[index]
         except (OSError, SyntaxError, ValueError) as err:
@@ -265,6 +276,28 @@ def _collate(items):
     return images, labels, failed
 
 
+class EpochSampler(Sampler):
+    """The training order: a permutation of the `size` items per epoch, drawn from (seed, epoch), and this rank's
+    share of it under DDP (every rank the same count). Each index is yielded as epoch * size + index, so that
+    LabelledImages can seed the item's augmentation by epoch and index: the batches depend on the seed alone, not
+    on the workers or on where a run was resumed."""
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world)
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[:len(self) * self.world - self.size]  # padded so that every rank gets as many
+        return iter([self.epoch * self.size + index for index in order[self.rank::self.world]])
+
+
 class ImageLoader:
     """Batches ``(float32 NCHW tensor, int64 labels)`` of a LabelledImages, in file order unless shuffled or
     sampled (training: ``shuffle=True``, or a DistributedSampler under DDP).
@@ -277,9 +310,13 @@ class ImageLoader:
                  sampler=None, drop_last: bool = False):
         self.dataset = dataset
         self.skipped: list[str] = []
+        # an EpochSampler's loader draws its worker seeds from its own generator, not torch's global one, which a
+        # resumed run restores for what the model draws (dropout)
+        generator = torch.Generator().manual_seed(0) if isinstance(sampler, EpochSampler) else None
         self._loader = DataLoader(
             _Tolerant(dataset), batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-            num_workers=workers, collate_fn=_collate, drop_last=drop_last, persistent_workers=workers > 0
+            num_workers=workers, collate_fn=_collate, drop_last=drop_last, persistent_workers=workers > 0,
+            generator=generator
         )
 
     def __len__(self) -> int:

@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 
 from ... import amct
 from ...amct.config_files import load_retrain_json, retrain_cfg
 from ...core import qat
 from ...core.capture import capture, group_members
 from ...core.config import LAYER_GROUPS
-from ...core.fileio import write_text
+from ...core.fileio import atomic_path, write_text
 from ...onnx_export.parity import describe
 from .. import training
-from ..data import ImageLoader
+from ..data import EpochSampler, ImageLoader
 from ..evaluation import OnnxPredictor, TorchPredictor, evaluate
 from . import common
 
@@ -87,9 +86,39 @@ def add_parser(commands) -> None:
                        help="train on each batch blended with its reverse, weight ~ Beta(ALPHA, ALPHA): the teacher "
                             "labels the blends, which helps long runs on few images (1.0 with 600 steps or more; "
                             "default 0, off)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the shuffling and augmentation (default 0)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the shuffling, augmentation and mixup (default 0)")
+    train.add_argument("--checkpoint-every", type=common.non_negative, default=25, metavar="N",
+                       help="write OUTPUT/tmp/resume.pth every N steps (0: never; default 25)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue a run that stopped from OUTPUT/tmp/resume.pth, with the same options: the result "
+                            "is the one the uninterrupted run gives")
     common.device_argument(retrain)
     retrain.set_defaults(func=run)
+
+
+# the options a resumed run must share with the run it continues
+RESUMABLE = ("steps", "batch_size", "lr", "quant_lr", "kd_weight", "mixup", "seed", "init", "config", "weight_bits",
+             "int8_layers", "batch_num")
+
+
+def _resumed(path: Path, options: dict, qmodel, optimizer, scheduler) -> dict:
+    """The training state of `path`, with the model, optimizer and scheduler restored from it; a checkpoint of
+    other options or another model is refused."""
+    if not path.is_file():
+        raise common.UsageError(f"--resume: no checkpoint at {path} (the run wrote none before it stopped)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    differ = {key: (saved["options"].get(key), value) for key, value in options.items()
+              if saved["options"].get(key) != value}
+    if differ:
+        raise common.UsageError(f"--resume: {path} was written with other options: " + ", ".join(
+            f"{key} {old!r} (now {new!r})" for key, (old, new) in differ.items()))
+    try:
+        qmodel.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        raise common.UsageError(f"--resume: {path} does not fit this model: {common.one_line(err)}") from None
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return saved["training"]
 
 
 def _distributed(device: torch.device) -> tuple[int, int]:
@@ -157,17 +186,27 @@ def run(args) -> int:
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(qmodel, device_ids=ids)
-    train_set = dataset.subset(0, n_train, preprocess.augment(scale=(0.25, 1.0)))
-    sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
-    loader = ImageLoader(train_set, args.batch_size, args.workers, shuffle=True, sampler=sampler, drop_last=True)
+    train_set = dataset.subset(0, n_train, preprocess.augment(scale=(0.25, 1.0), seed=args.seed))
+    sampler = EpochSampler(n_train, args.seed, rank, world)
+    loader = ImageLoader(train_set, args.batch_size, args.workers, sampler=sampler, drop_last=True)
     groups = qat.parameter_groups(qmodel, weight_decay=0.0)
     groups[0]["lr"], groups[1]["lr"] = args.lr, args.quant_lr
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    run_options = {key: getattr(args, key) for key in RESUMABLE} | {"world_size": world, "train_images": n_train}
+    resume = _resumed(tmp / "resume.pth", run_options, qmodel, optimizer, scheduler) if args.resume else None
+
+    def checkpoint(state):
+        if rank == 0:
+            with atomic_path(str(tmp / "resume.pth")) as path:
+                torch.save({"options": run_options, "training": state, "model": qmodel.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
+
     with common.timed(timings, "training"):
         losses = training.train(trained, loader, args.steps, optimizer, scheduler=scheduler,
-                               teacher=model if args.kd_weight > 0 else None, kd_weight=args.kd_weight,
-                               mixup=args.mixup, device=device)
+                                teacher=model if args.kd_weight > 0 else None, kd_weight=args.kd_weight,
+                                mixup=args.mixup, seed=args.seed, device=device, resume=resume,
+                                checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
     if rank == 0:  # saves, evaluates and reports while the other ranks wait at the barrier below
         qmodel.eval()
         with common.timed(timings, "save_model"):
