@@ -8,6 +8,7 @@ import string
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_config import CFG, LAYERS  # a .cfg of every section, and the layers of tiny_models.ConvNet
 
 from openamct.amct.config_files import config_from_cfg, load_json, save_json
 from openamct.amct.record import read_record, write_record
@@ -15,23 +16,6 @@ from openamct.app.data import LabelledImages, Preprocess
 from openamct.core.config import ConfigError, LayerConfig, QuantConfig
 from openamct.core.layer import LayerRecord
 
-LAYERS = {"conv1": ("Conv2d",), "dw": ("Conv2d",), "pw": ("Conv2d",), "fc": ("Linear",)}
-CFG = """batch_num: 4
-activation_offset: false
-skip_layers: "fc"
-common_config {
-  arq_quantize { channel_wise: true quant_bits: 8 }
-  ifmr_quantize { search_range_start: 0.8 search_range_end: 1.2 search_step: 0.02 }
-}
-override_layer_types {
-  layer_type: "Conv2d"
-  calibration_config { hfmg_quantize { num_of_bins: 2048 asymmetric: true } }
-}
-override_layer_configs {
-  layer_name: "pw"
-  calibration_config { arq_quantize { channel_wise: false } }
-}
-"""
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 POSITION = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+)(:\d+)?: ")
 

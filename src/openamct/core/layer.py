@@ -60,8 +60,8 @@ class _WeightJob:
     """What the weight algorithms of one layer work on: the float weight, its quantizer, the calibration
     statistics, and `chosen`, the weights chosen so far (None: nearest rounding of the float weight)."""
 
-    def __init__(self, layer: nn.Module, quantizer: WeightQuantizer, mean, power, hessian):
-        self.layer, self.quantizer = layer, quantizer
+    def __init__(self, layer: nn.Module, quantizer: WeightQuantizer, pipeline: tuple, mean, power, hessian):
+        self.layer, self.quantizer, self.pipeline = layer, quantizer, pipeline
         self.weight = layer.weight
         self.original = self.weight.detach().clone()
         self.mean, self.power, self.hessian = mean, power, hessian
@@ -187,8 +187,7 @@ class QuantLayer(nn.Module):
         mean, power = (self.input_moments / self._batches).to(self.layer.weight.device)
         hessian = self.hessian / self._batches if self.hessian is not None else None
         self.input_moments = self.hessian = None
-        job = _WeightJob(self.layer, self.weight_quantizer, mean, power, hessian)
-        job.pipeline = self.pipeline
+        job = _WeightJob(self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian)
         for step in self.pipeline:
             WEIGHT_STEPS[step](job)
         if job.fallback:
