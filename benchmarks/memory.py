@@ -42,7 +42,7 @@ def calibrate_child(images_path: str, batch_num: int, work: str, queue) -> None:
     torch.set_num_threads(2)
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")
     os.chdir(work)
-    images = np.load(images_path)[:256]
+    images = np.array(np.load(images_path, mmap_mode="r")[:256])
     model = MODELS[MODEL].build(None)
     x0 = torch.from_numpy(np.array(images[:1]))
     base = proc_mem_mb()

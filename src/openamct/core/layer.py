@@ -174,11 +174,17 @@ class QuantLayer(nn.Module):
         dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
         x = x.detach().float()
         moments = torch.stack([x.mean(dims), x.pow(2).mean(dims)])
-        self.input_moments = moments if self.input_moments is None else self.input_moments + moments
+        if self.input_moments is None:
+            self.input_moments = moments
+        else:  # in place: a new sum each batch would be allocated above the batch's activations and fragment the heap
+            self.input_moments += moments
         self._batches += 1
         if "gptq" in self.pipeline:
             hessian = gptq.hessian(self.layer, x, call)
-            self.hessian = hessian if self.hessian is None else self.hessian + hessian
+            if self.hessian is None:
+                self.hessian = hessian
+            else:
+                self.hessian += hessian
 
     def finish_weights(self) -> None:
         """After calibration: run the weight pipeline on the statistics and keep the chosen weights."""

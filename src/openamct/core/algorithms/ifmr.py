@@ -43,7 +43,10 @@ class IFMRObserver:
         self.params, self.asymmetric, self.batch_num, self.layer = params, asymmetric, batch_num, layer
         self.budget = max(1, max_samples // batch_num)
         self.tail = tail
-        self.samples: list[torch.Tensor] = []
+        # the samples of all batches, in one buffer allocated at the first: many small tensors kept between the
+        # large transient ones of each batch would fragment the heap, and the process would grow with the batches
+        self.samples = None
+        self.filled = 0
         self.top = self.bottom = None
         self.count = 0
         self._generator = torch.Generator().manual_seed(0)
@@ -54,8 +57,11 @@ class IFMRObserver:
         if x.numel() > self.budget:
             sample = x[torch.randint(x.numel(), (self.budget,), generator=self._generator).to(x.device)]
         else:
-            sample = x.clone()
-        self.samples.append(sample)
+            sample = x
+        if self.samples is None:
+            self.samples = torch.empty(self.budget * self.batch_num, device=x.device)
+        self.samples[self.filled:self.filled + sample.numel()] = sample
+        self.filled += sample.numel()
         top, bottom = _largest(x, self.tail, sample), _largest(-x, self.tail, -sample)
         self.top = top if self.top is None else self._merge(self.top, top)
         self.bottom = bottom if self.bottom is None else self._merge(self.bottom, bottom)
@@ -68,7 +74,7 @@ class IFMRObserver:
         k = max(1, self.count - math.floor(percentile * self.count))
         if k <= extremes.numel():
             return float(extremes[k - 1])
-        data = torch.cat(self.samples)  # beyond the exact tail: the percentile of the (sub)sample
+        data = self.samples[:self.filled]  # beyond the exact tail: the percentile of the (sub)sample
         return float(data.quantile(percentile) if extremes is self.top else -data.quantile(1 - percentile))
 
     def _loss_data(self):
@@ -77,7 +83,7 @@ class IFMRObserver:
         The extremes are kept exactly, because rare outliers dominate the clipping error and a uniform
         subsample misses them; the rest is the subsample, scaled up to the number of values it stands for.
         """
-        data = torch.cat(self.samples)
+        data = self.samples[:self.filled]
         if data.numel() == self.count:
             return data, None, 1.0
         hi, lo = float(self.top[-1]), -float(self.bottom[-1])
