@@ -112,18 +112,38 @@ def test_non_finite_weights_are_refused_naming_layer_and_parameter():
         amct.quantize(model, amct.default_config(model, x), lambda m: m(ConvNet.example_input(4)), x)
 
 
-def test_overflowing_activations_fall_back_to_nearest_rounding_with_a_warning(caplog):
+def test_overflowing_activations_fall_back_with_a_warning(caplog):
+    """GPTQ (and a NUQ codebook fit) on statistics that overflowed float32 give way to nearest rounding (and
+    unweighted levels), named in the log and on the layer; IFMR's clip search redoes its sums in float64."""
     logger = logging.getLogger("openamct")  # the AMCT calls of other tests may have stopped its propagation
     logger.addHandler(caplog.handler)
     model, x = convnet(), ConvNet.example_input()
     batch = ConvNet.example_input(4) * 1e30  # finite, but its second moments overflow float32
-    qmodel = amct.quantize(model, amct.default_config(model, x), lambda m: m(batch), x)
+    config = amct.default_config(model, x, rules=[amct.Rule("pw", weight={"wts_algo": "nuq_quantize",
+                                                                          "num_steps": 4})])
+    qmodel = amct.quantize(model, config, lambda m: m(batch), x)
+    logger.removeHandler(caplog.handler)
     fallbacks = {name: layer.fallback for name, layer in quant_layers(qmodel).items() if layer.fallback}
     assert list(fallbacks) == ["conv1"] and "GPTQ failed" in fallbacks["conv1"]
-    assert "rounding to nearest" in fallbacks["conv1"] or "rounded to nearest" in fallbacks["conv1"]
-    logger.removeHandler(caplog.handler)
+    assert "rounded to nearest instead" in fallbacks["conv1"]
     assert any("layer 'conv1': GPTQ failed" in r.getMessage() for r in caplog.records)
+    scale = float(qmodel.conv1.input_quantizer.scale)  # IFMR's clip: within the search range of the data's max
+    assert 0.6 * float(batch.abs().max()) / 255 < scale < 1.4 * float(batch.abs().max()) / 127
     assert torch.isfinite(qmodel(batch)).all()
+
+
+def test_overflowing_statistics_in_a_nuq_layer_fit_its_levels_to_the_weights(caplog):
+    model, x = convnet(), ConvNet.example_input()
+    with torch.no_grad():
+        model.conv1.weight.mul_(1e18)  # pw's input (after ReLU6 and the residual add) stays large
+        model.act1 = torch.nn.Identity()
+    config = amct.default_config(model, x, rules=[amct.Rule("pw", weight={"wts_algo": "nuq_quantize",
+                                                                          "num_steps": 4})])
+    qmodel = amct.quantize(model, config, lambda m: m(ConvNet.example_input(4) * 10), x)
+    assert "NUQ codebook fit's input statistics overflowed" in qmodel.pw.fallback
+    levels = np.atleast_2d(qmodel.pw.weight_quantizer.levels)
+    assert levels.shape[1] == 4 and all(len(set(row)) <= 4 for row in levels.tolist())
+    assert torch.isfinite(qmodel(ConvNet.example_input(2) * 10)).all()
 
 
 # ---------------------------------------------------------------- killed and concurrent runs

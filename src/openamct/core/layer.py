@@ -66,7 +66,7 @@ class _WeightJob:
         self.original = self.weight.detach().clone()
         self.mean, self.power, self.hessian = mean, power, hessian
         self.chosen = None
-        self.fallback = None  # why an algorithm gave way to a simpler one
+        self.fallbacks = []  # why an algorithm gave way to a simpler one
 
     def per_weight(self, channel_values: torch.Tensor) -> torch.Tensor:
         """Per-input-channel values laid out as the weight's [out, in per group]."""
@@ -80,13 +80,18 @@ class _WeightJob:
 
 
 def _nuq_codebook(job: _WeightJob) -> None:
+    """NUQ levels weighted by each input's mean square; by the weights alone where those overflowed float32."""
     per_weight = job.per_weight(job.power)
+    if not torch.isfinite(per_weight).all():
+        per_weight = torch.ones_like(per_weight)
+        job.fallbacks.append("the NUQ codebook fit's input statistics overflowed float32 (inputs beyond about 1e19); "
+                             "its levels fit the weights alone. Check the calibration data for extreme values")
     nuq.fit_codebook(job.quantizer, job.weight,
                      per_weight.reshape(per_weight.shape + (1,) * (job.weight.dim() - 2)))
 
 
 def _gptq(job: _WeightJob) -> None:
-    """GPTQ, or nearest rounding (with the reason in `job.fallback`) where its Cholesky factorisation fails: on
+    """GPTQ, or nearest rounding (with the reason in `job.fallbacks`) where its Cholesky factorisation fails: on
     statistics that overflowed float32, or a Hessian that the damping cannot make positive definite."""
     job.quantizer.fixed_scales = job.quantizer.scales(job.weight)  # GPTQ's weights must not move their scales
     solve = gptq.gptq_depthwise if job.hessian.dim() == 3 else gptq.gptq
@@ -97,8 +102,8 @@ def _gptq(job: _WeightJob) -> None:
     except torch.linalg.LinAlgError as err:
         job.quantizer.fixed_scales, job.chosen = None, None
         reason = str(err).splitlines()[0]
-        job.fallback = (f"GPTQ failed ({reason}); its weights are rounded to nearest instead. Check the calibration "
-                        f"data for extreme values, or set rounding to nearest for this layer")
+        job.fallbacks.append(f"GPTQ failed ({reason}); its weights are rounded to nearest instead. Check the "
+                             f"calibration data for extreme values, or set rounding to nearest for this layer")
 
 
 def _scale_refit(job: _WeightJob) -> None:
@@ -196,9 +201,9 @@ class QuantLayer(nn.Module):
         job = _WeightJob(self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian)
         for step in self.pipeline:
             WEIGHT_STEPS[step](job)
-        if job.fallback:
-            self.fallback = job.fallback
-            log.warning(f"layer '{self.name}': {job.fallback}", "GPTQ")
+        if job.fallbacks:
+            self.fallback = "; ".join(job.fallbacks)
+            log.warning(f"layer '{self.name}': {self.fallback}", "Calibration")
         if job.chosen is not None:
             with torch.no_grad():
                 self.layer.weight.copy_(job.chosen)

@@ -26,12 +26,17 @@ def _largest(x: torch.Tensor, k: int, sample: torch.Tensor) -> torch.Tensor:
 def _sq_errors(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Summed squared error of quantizing v for each candidate (lo, hi, scale), the grid k * scale.
 
-    All candidates at once, in chunks of v: few large tensor ops, not one small op per candidate.
+    All candidates at once, in chunks of v: few large tensor ops, not one small op per candidate. In float32, and
+    again in float64 where float32's squares overflow (activations beyond about 1e19).
     """
-    lo, hi, scale = (t.to(v.device, torch.float32)[:, None] for t in (lo, hi, scale))
-    total = torch.zeros(lo.shape[0], dtype=torch.float64, device=v.device)
-    for chunk in v.split(1 << 16):
-        total += ((torch.round(torch.clamp(chunk[None, :], lo, hi) / scale) * scale - chunk) ** 2).sum(1)
+    for dtype in (torch.float32, torch.float64):
+        grid = [t.to(v.device, dtype)[:, None] for t in (lo, hi, scale)]
+        total = torch.zeros(grid[0].shape[0], dtype=torch.float64, device=v.device)
+        for chunk in v.to(dtype).split(1 << 16):
+            total += ((torch.round(torch.clamp(chunk[None, :], grid[0], grid[1]) / grid[2]) * grid[2] - chunk) ** 2
+                      ).sum(1)
+        if torch.isfinite(total).all():
+            break
     return total
 
 
