@@ -101,7 +101,7 @@ def _log_coverage(qmodel: nn.Module, config: QuantConfig, info) -> None:
     layers = quant_layers(qmodel)
     for name, types in info.layers.items():
         if name in layers:
-            steps = getattr(layers[name], "pipeline", ())  # QAT layers learn their weights instead
+            steps = layers[name].pipeline  # run only where statistics are collected: QAT layers learn their weights
             state = "quantized" + (f" (weights: {', '.join(steps)})" if layers[name].collects_statistics else "")
         else:
             state = "skipped by config"

@@ -6,6 +6,7 @@ and, where GPTQ runs, the Hessian of its kernel's input. `finish_weights` then r
 `weight_pipeline` names for the layer's config, in order, each a function of algorithms/; the chosen weights
 replace the float ones. Once calibrated, the layer computes as the deployed model does (`_integer_forward`).
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -213,9 +214,12 @@ class QuantLayer(nn.Module):
             xq = self.input_quantizer(x)
             weights = {"weight": self.weight_quantizer(self.layer.weight)}
             if self.collects_statistics:
-                with gptq.KernelInput() as kernel:
+                # only a conv's GPTQ statistics need its kernel's input: other layers skip the mode's per-op cost
+                kernel = gptq.KernelInput() if "gptq" in self.pipeline and not isinstance(self.layer, nn.Linear) \
+                    else None
+                with kernel or contextlib.nullcontext():
                     y = functional_call(self.layer, weights, (xq,))
-                self._observe(x, kernel.call)
+                self._observe(x, kernel.call if kernel else None)
             else:
                 y = functional_call(self.layer, weights, (xq,))
         else:
@@ -243,7 +247,7 @@ class QuantLayer(nn.Module):
             bias = bias + (quantize_bias(self.layer.bias, grid) - bias).detach()
         acc = functional_call(self.layer, {"weight": weight_codes, "bias": bias}, (codes,))
         channel_axis = acc.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
-        inverse = 1.0 / grid  # divided by, as the fake-quant ONNX model does (see export.build_quantized)
+        inverse = 1.0 / grid  # divided by, as the fake-quant ONNX model does (see onnx_export/qdq.build_quantized)
         y = acc / (channel_view(inverse, acc.dim(), channel_axis) if inverse.numel() > 1 else inverse)
         if _ACTIVE:
             _ACTIVE[-1].put_accumulator(y, Accumulator(acc, grid, channel_axis))
