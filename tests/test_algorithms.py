@@ -281,9 +281,46 @@ def test_gptq_hessian_sees_padding_done_in_forward(groups):
     def hessian(layer):
         with gptq.KernelInput() as kernel:
             layer(x)
-        return gptq.hessian(layer, x, kernel.call)
+        return gptq.hessian(layer, x, kernel.call, rows=10 ** 9)
 
     expected = hessian(static)
     assert expected.shape == ((36, 36) if groups == 1 else (4, 9, 9))
     torch.testing.assert_close(hessian(dynamic), expected)
-    assert not torch.equal(expected, gptq.hessian(static, x, {"input": x, "padding": 0}))  # padding matters
+    assert not torch.equal(expected, gptq.hessian(static, x, {"input": x, "padding": 0}, rows=10 ** 9))
+
+
+def _unfold_hessian(layer, x, padding):
+    """The reference: E[p p^T] over every patch F.unfold gives (per channel for a depthwise conv)."""
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        x = torch.nn.functional.pad(x, [p for t in reversed(total) for p in (t // 2, t - t // 2)])
+        padding = 0
+    patches = torch.nn.functional.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
+    if layer.groups == 1:
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return rows.t() @ rows / len(rows)
+    per_channel = patches.reshape(x.shape[0], x.shape[1], -1, patches.shape[-1])
+    return torch.einsum("ncil,ncjl->cij", per_channel, per_channel) / (x.shape[0] * patches.shape[-1])
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [
+    (3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 1, (2, 1)), (3, 1, 2, "same"), (4, 1, 1, "same"), (3, 2, 1, "valid"),
+    (1, 1, 1, 0)])
+def test_gptq_hessian_from_gathered_patches_equals_unfold(groups, kernel, stride, dilation, padding):
+    """The Hessian gathered tap by tap (padding read as zeros, not materialised) is F.unfold's, at every position;
+    sampled positions estimate it, the same ones on every run."""
+    from openamct.core.algorithms import gptq
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(6, 6, kernel, stride, padding=padding, dilation=dilation, groups=groups)
+    x = torch.randn(3, 6, 11, 9)
+    call = {"input": x, "padding": padding}
+    expected = _unfold_hessian(layer, x, padding)
+    torch.testing.assert_close(gptq.hessian(layer, x, call, rows=10 ** 9), expected, rtol=1e-5, atol=1e-6)
+    sampled = [gptq.hessian(layer, x, call, rows=3 * 10, generator=torch.Generator().manual_seed(seed))
+               for seed in [0, 0] + list(range(1, 64))]
+    assert torch.equal(sampled[0], sampled[1])
+    error = [float((h - expected).norm() / expected.norm()) for h in (sampled[0], torch.stack(sampled).mean(0))]
+    assert error[1] < 0.35 * error[0], error  # unbiased: the mean of many samples closes in on it

@@ -1,5 +1,7 @@
 """Record file (`record.txt`): AMCT's ScaleOffsetRecord in protobuf text format (spec 3.5), to and from the
 core's LayerRecord."""
+import os
+
 from google.protobuf import text_format
 
 from ..core.config import ConfigError
@@ -9,6 +11,7 @@ from .config_files import parse_text
 from .proto import scale_offset_record_pytorch_pb2 as record_pb2
 
 _HONOURED = {"scale_d", "offset_d", "scale_w", "offset_w", "scale_o", "offset_o", "nuq_levels"}
+_WRITTEN = {}  # absolute path -> (text, records) of the record this process last wrote there
 
 
 def write_record(path: str, records: dict) -> None:
@@ -24,16 +27,22 @@ def write_record(path: str, records: dict) -> None:
         if record.scale_o is not None:
             value.scale_o, value.offset_o = record.scale_o, record.offset_o
         value.nuq_levels.extend(record.nuq_levels)
-    write_text(path, text_format.MessageToString(message))
+    text = text_format.MessageToString(message)
+    write_text(path, text)
+    _WRITTEN[os.path.abspath(path)] = (text, dict(records))
 
 
 def read_record(path: str) -> dict:
-    """Layer name -> LayerRecord; errors carry `path:line`."""
+    """Layer name -> LayerRecord; errors carry `path:line`. A record this process wrote, unchanged since, is not
+    parsed again (Python's protobuf text parser takes seconds on a large model's per-channel scales)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: record file not found") from None
+    written = _WRITTEN.get(os.path.abspath(path))
+    if written is not None and written[0] == text:
+        return dict(written[1])
     message = parse_text(path, text, record_pb2.ScaleOffsetRecord())
     out = {}
     for item in message.record:

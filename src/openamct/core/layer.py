@@ -20,7 +20,7 @@ from .algorithms.scale_refit import refit_scales
 from .config import LayerConfig
 from .primitives import channel_view, quantize_bias
 from .quantizers import ActQuantizer, WeightQuantizer
-from .simulation import _ACTIVE, Accumulator
+from .simulation import Accumulator, active_mode
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,8 @@ class QuantLayer(nn.Module):
         self.input_moments = None  # running sums of each input channel's mean and mean square
         self.hessian = None  # GPTQ: running sum of E[x x^T] over the weight's columns
         self._batches = 0
+        self._generator = None
+        self._weight_cache = None  # (weight's storage and version, its fake-quantized value)
 
     def __getattr__(self, name):
         """Attributes the wrapped layer has (in_features, stride, ...) read through, so model code that uses them
@@ -179,14 +181,20 @@ class QuantLayer(nn.Module):
         channel_dim = -1 if isinstance(self.layer, nn.Linear) else 1
         dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
         x = x.detach().float()
-        moments = torch.stack([x.mean(dims), x.pow(2).mean(dims)])
+        mean = x.mean(dims)
+        power = x.pow(2).mean(dims) if "nuq_codebook" in self.pipeline else torch.zeros_like(mean)  # NUQ's weighting
+        moments = torch.stack([mean, power])
         if self.input_moments is None:
             self.input_moments = moments
         else:  # in place: a new sum each batch would be allocated above the batch's activations and fragment the heap
             self.input_moments += moments
         self._batches += 1
         if "gptq" in self.pipeline:
-            hessian = gptq.hessian(self.layer, x, call)
+            if self._generator is None:  # the positions sampled for the Hessian: the same on every run
+                self._generator = torch.Generator().manual_seed(0)
+            columns = self.layer.weight[0].numel()
+            rows = gptq.hessian_rows(columns, self.input_quantizer.batch_num)
+            hessian = gptq.hessian(self.layer, x, call, rows, self._generator)
             if self.hessian is None:
                 self.hessian = hessian
             else:
@@ -194,6 +202,7 @@ class QuantLayer(nn.Module):
 
     def finish_weights(self) -> None:
         """After calibration: run the weight pipeline on the statistics and keep the chosen weights."""
+        self._weight_cache = None
         if self.input_moments is None:
             return
         mean, power = (self.input_moments / self._batches).to(self.layer.weight.device)
@@ -212,7 +221,7 @@ class QuantLayer(nn.Module):
     def forward(self, x):
         if not self.input_quantizer.calibrated:
             xq = self.input_quantizer(x)
-            weights = {"weight": self.weight_quantizer(self.layer.weight)}
+            weights = {"weight": self._quantized_weight()}
             if self.collects_statistics:
                 # only a conv's GPTQ statistics need its kernel's input: other layers skip the mode's per-op cost
                 kernel = gptq.KernelInput() if "gptq" in self.pipeline and not isinstance(self.layer, nn.Linear) \
@@ -225,6 +234,17 @@ class QuantLayer(nn.Module):
         else:
             y = self._integer_forward(self.input_quantizer(x))
         return self.output_quantizer(y) if self.output_quantizer is not None else y
+
+    def _quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight; without gradients (PTQ calibration), computed once while the weight is
+        unchanged rather than on every batch."""
+        weight = self.layer.weight
+        if torch.is_grad_enabled():
+            return self.weight_quantizer(weight)
+        key = (weight.data_ptr(), weight._version)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.weight_quantizer(weight))
+        return self._weight_cache[1]
 
     def _integer_forward(self, xq: torch.Tensor) -> torch.Tensor:
         """The layer on integer codes, then one division by 1 / (scale_d * scale_w), the accumulator scale.
@@ -249,8 +269,9 @@ class QuantLayer(nn.Module):
         channel_axis = acc.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
         inverse = 1.0 / grid  # divided by, as the fake-quant ONNX model does (see onnx_export/qdq.build_quantized)
         y = acc / (channel_view(inverse, acc.dim(), channel_axis) if inverse.numel() > 1 else inverse)
-        if _ACTIVE:
-            _ACTIVE[-1].put_accumulator(y, Accumulator(acc, grid, channel_axis))
+        mode = active_mode()
+        if mode is not None:
+            mode.put_accumulator(y, Accumulator(acc, grid, channel_axis))
         return y
 
     def weight_scales(self) -> torch.Tensor:

@@ -105,14 +105,23 @@ def quantize_bias(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return q
 
 
-def observed_values(x: torch.Tensor, layer: str) -> tuple[torch.Tensor, float, float]:
-    """An observer's batch as flattened float data and its (min, max); NaN and Inf show up in min/max, which is
-    cheaper than isfinite."""
+def flat_values(x: torch.Tensor, layer: str) -> torch.Tensor:
+    """An observer's batch as flattened float data."""
     if x.numel() == 0:
         raise InputError(f"layer '{layer}': empty calibration batch")
-    x = x.detach().float().reshape(-1)
-    lo, hi = (float(v) for v in torch.aminmax(x))
+    return x.detach().float().reshape(-1)
+
+
+def check_finite_range(lo: float, hi: float, layer: str) -> None:
+    """Raise where a batch's min/max show NaN or Inf (cheaper than isfinite over the batch)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError(f"layer '{layer}': calibration input holds NaN or Inf values (the model's weights are "
                          f"finite: check the calibration data and what the layers before it compute)")
+
+
+def observed_values(x: torch.Tensor, layer: str) -> tuple[torch.Tensor, float, float]:
+    """An observer's batch as flattened float data and its (min, max), checked finite."""
+    x = flat_values(x, layer)
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    check_finite_range(lo, hi, layer)
     return x, lo, hi

@@ -25,10 +25,10 @@ from .primitives import (
     round_ste,
     weight_scales,
 )
-from .simulation import requantize, shared_quantized
+from .simulation import SharedQuantizer, requantize, shared_quantized
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(SharedQuantizer, nn.Module):
     """Observes a tensor while calibrating, then fake-quantizes it with the computed scale/offset."""
 
     def __init__(self, params, asymmetric: bool, batch_num: int, bounds, layer: str):
@@ -41,6 +41,10 @@ class ActQuantizer(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("offset", torch.tensor(0.0))
         self.calibrated = False
+
+    @property
+    def passes_through(self) -> bool:
+        return not self.calibrated
 
     def forward(self, x):
         if self.calibrated:
@@ -113,7 +117,7 @@ class WeightQuantizer(nn.Module):
         return f"{algo}, bits={self.params.num_bits}, channel_wise={self.params.channel_wise}"
 
 
-class ULQActQuantizer(nn.Module):
+class ULQActQuantizer(SharedQuantizer, nn.Module):
     """An activation quantizer with a learned clip range (AMCT's ULQ).
 
     Training forward: scale = (clip_max - clip_min) / (2^b - 1), offset = round(qmin - clip_min / scale) (rounded

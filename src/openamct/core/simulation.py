@@ -80,7 +80,12 @@ class QuantizedValues(TorchFunctionMode):
         return out
 
 
-_ACTIVE: list[QuantizedValues] = []
+_ACTIVE: list[QuantizedValues | None] = []  # one entry per running forward of a simulation model
+
+
+def active_mode() -> QuantizedValues | None:
+    """The QuantizedValues mode of the innermost running simulation forward (None: none, or only observing)."""
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 DATA_PARALLEL_UNSUPPORTED = ("torch.nn.DataParallel is not supported: its replicas run in threads that do not share "
@@ -88,10 +93,20 @@ DATA_PARALLEL_UNSUPPORTED = ("torch.nn.DataParallel is not supported: its replic
                              "bare model")
 
 
+class SharedQuantizer:
+    """Marks an activation quantizer; `passes_through` while it hands its input on unchanged (observing)."""
+
+    passes_through = False
+
+
 def enter_simulation(module, args):
-    """Forward pre-hook of the root model: quantized values flow to every consumer during this forward."""
+    """Forward pre-hook of the root model: quantized values flow to every consumer during this forward. Skipped
+    (None on the stack) while every quantizer only observes: the mode's cost per op would buy nothing."""
     if getattr(module, "_is_replica", False):
         raise TypeError(DATA_PARALLEL_UNSUPPORTED)
+    if all(m.passes_through for m in module.modules() if isinstance(m, SharedQuantizer)):
+        _ACTIVE.append(None)
+        return
     mode = QuantizedValues()
     mode.__enter__()
     _ACTIVE.append(mode)
@@ -99,12 +114,14 @@ def enter_simulation(module, args):
 
 def exit_simulation(module, args, output):
     if _ACTIVE:
-        _ACTIVE.pop().__exit__(None, None, None)
+        mode = _ACTIVE.pop()
+        if mode is not None:
+            mode.__exit__(None, None, None)
 
 
 def shared_quantized(x: torch.Tensor, quantize_fn) -> torch.Tensor:
     """`quantize_fn(x)`, computed once per tensor and forward, and handed to every consumer of `x`."""
-    mode = _ACTIVE[-1] if _ACTIVE else None
+    mode = active_mode()
     cached = mode.get(x) if mode is not None else None
     if cached is not None:
         return cached
@@ -117,7 +134,8 @@ def shared_quantized(x: torch.Tensor, quantize_fn) -> torch.Tensor:
 def requantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_bits: int) -> torch.Tensor:
     """fake_quant(x): from x's accumulator in one rounding where x is a quantized layer's output clipped by nothing
     that this range does not imply (so that a runtime drops the clip and requantizes as here)."""
-    source = _ACTIVE[-1].accumulator(x) if _ACTIVE else None
+    mode = active_mode()
+    source = mode.accumulator(x) if mode is not None else None
     if source is None or not range_implies_clip(scale, offset, num_bits, source.low, source.high):
         return fake_quant(x, scale, offset, num_bits)
     qmin, qmax = qrange(num_bits)

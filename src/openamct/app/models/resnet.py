@@ -1,4 +1,4 @@
-"""ResNet-101 with torchvision's architecture and state-dict keys, without depending on torchvision.
+"""ResNet-101 (and ResNet-50) with torchvision's architecture and state-dict keys, without depending on torchvision.
 
 Each ReLU is its own module (torchvision reuses one per block) so every activation can be observed
 separately; the pooled features are reshaped to (N, C) before ``fc`` as in AMCT's sample, with a
@@ -53,16 +53,18 @@ def _layer(cin: int, width: int, blocks: int, stride: int) -> nn.Sequential:
 class ResNet101(nn.Module):
     """ResNet-101 (v1.5) with random weights."""
 
+    blocks = (3, 4, 23, 3)
+
     def __init__(self, num_classes: int = 1000):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-        self.layer1 = _layer(64, 64, 3, 1)
-        self.layer2 = _layer(256, 128, 4, 2)
-        self.layer3 = _layer(512, 256, 23, 2)
-        self.layer4 = _layer(1024, 512, 3, 2)
+        self.layer1 = _layer(64, 64, self.blocks[0], 1)
+        self.layer2 = _layer(256, 128, self.blocks[1], 2)
+        self.layer3 = _layer(512, 256, self.blocks[2], 2)
+        self.layer4 = _layer(1024, 512, self.blocks[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2048, num_classes)
 
@@ -71,6 +73,12 @@ class ResNet101(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.avgpool(x).reshape(-1, self.fc.in_features)
         return self.fc(x)
+
+
+class ResNet50(ResNet101):
+    """ResNet-50 (v1.5) with random weights: the same bottleneck blocks, [3, 4, 6, 3] of them."""
+
+    blocks = (3, 4, 6, 3)
 
 
 def default_weights_path() -> Path:
@@ -88,4 +96,12 @@ def resnet101(weights: str | None = None, num_classes: int = 1000) -> ResNet101:
         )
     model = ResNet101(num_classes)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def resnet50(weights: str | None = None, num_classes: int = 1000) -> ResNet50:
+    """ResNet-50 in eval mode: random weights, or the torchvision-style checkpoint at ``weights``."""
+    model = ResNet50(num_classes)
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()

@@ -13,6 +13,17 @@ from torch.overrides import TorchFunctionMode
 
 from ..primitives import qrange
 
+# Input vectors a layer's Hessian samples over the whole calibration: ROWS_PER_COLUMN per weight column (of its
+# column group), within [MIN_ROWS, MAX_ROWS], and fewer where the Hessian's products would cost more than
+# HESSIAN_MACS multiply-adds
+ROWS_PER_COLUMN = 16
+MIN_ROWS, MAX_ROWS = 2 ** 11, 2 ** 14
+HESSIAN_MACS = 2 ** 32
+# Wider layers are solved in column groups of at most this many columns, each with its own block of the Hessian
+# (the blocks off the diagonal are not estimated): a K x K Cholesky costs K^3, and the few thousand sampled rows
+# that are affordable cannot estimate a full Hessian of a 3 x 3 conv over 512 channels (K = 4608) anyway
+MAX_GROUP = 1280
+
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
@@ -30,15 +41,41 @@ class KernelInput(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _patches(x: torch.Tensor, layer: nn.Conv2d, padding) -> torch.Tensor:
-    """F.unfold of the conv kernel's input `x` with the call's `padding`: [N, C * kh * kw, L]."""
+def _padding(layer: nn.Conv2d, padding) -> tuple[int, int]:
+    """The zero padding (top, left) before the input of the call's `padding` (PyTorch's "same" puts the extra
+    pixel after)."""
     if padding == "valid":
-        padding = 0
-    elif padding == "same":  # stride 1 (PyTorch's rule): the extra pixel goes after
-        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
-        x = F.pad(x, [p for t in reversed(total) for p in (t // 2, t - t // 2)])
-        padding = 0
-    return F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
+        return 0, 0
+    if padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation, layer.kernel_size))
+    return (padding, padding) if isinstance(padding, int) else tuple(padding)
+
+
+def _sample(total: int, count: int, generator: torch.Generator | None) -> torch.Tensor | None:
+    """`count` distinct indices of range(total), sorted (None: all of them)."""
+    if count >= total:
+        return None
+    return torch.randperm(total, generator=generator)[:count].sort().values
+
+
+def _patches(x: torch.Tensor, layer: nn.Conv2d, padding, count: int, generator) -> torch.Tensor:
+    """The kernel's input patches at `count` output positions sampled uniformly (the same ones in every image of
+    the batch; all positions where there are fewer): [N, C, positions, kh * kw]. One gather along each channel's
+    contiguous map, so the cost follows the sample, not the map (F.unfold, or padding, would copy all of it);
+    taps in the padding read zero."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    top, left = _padding(layer, padding)
+    height, width = x.shape[2:]
+    bottom = (height + 2 * top - dh * (kh - 1) - 1) // sh + 1 if padding != "same" else height
+    right = (width + 2 * left - dw * (kw - 1) - 1) // sw + 1 if padding != "same" else width
+    chosen = _sample(bottom * right, count, generator)
+    position = torch.arange(bottom * right) if chosen is None else chosen
+    rows = ((position // right) * sh - top)[:, None] + torch.tensor([i * dh for i in range(kh) for _ in range(kw)])
+    cols = ((position % right) * sw - left)[:, None] + torch.tensor([j * dw for _ in range(kh) for j in range(kw)])
+    inside = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).reshape(-1).to(x)
+    index = (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).reshape(-1).to(x.device)
+    gathered = x.reshape(x.shape[0] * x.shape[1], height * width).index_select(1, index) * inside.to(x.device)
+    return gathered.reshape(x.shape[0], x.shape[1], len(position), kh * kw)
 
 
 def is_depthwise(layer: nn.Module) -> bool:
@@ -50,32 +87,51 @@ def supported(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1) or is_depthwise(layer)
 
 
-def hessian(layer: nn.Module, x: torch.Tensor, call: dict | None) -> torch.Tensor | None:
-    """GPTQ's E[x x^T] over the weight's columns for one batch, for Linear and Conv2d with groups 1: [K, K]; for a
-    depthwise Conv2d, one [kh * kw, kh * kw] per channel: [C, K, K]. `x` is the layer's input and `call` the
-    conv2d call its forward made (KernelInput). None for the layers GPTQ does not support."""
+def column_groups(columns: int) -> list[slice]:
+    """The weight's columns in balanced contiguous groups of at most MAX_GROUP (input channels with their taps)."""
+    size = -(-columns // -(-columns // MAX_GROUP))
+    return [slice(start, min(start + size, columns)) for start in range(0, columns, size)]
+
+
+def hessian_rows(columns: int, batches: int) -> int:
+    """Input vectors a layer's Hessian samples per calibration batch (see ROWS_PER_COLUMN)."""
+    width = min(columns, MAX_GROUP)
+    total = min(MAX_ROWS, ROWS_PER_COLUMN * width, HESSIAN_MACS // (columns * width))
+    return -(-max(MIN_ROWS, total) // max(1, batches))
+
+
+def _second_moment(vectors: torch.Tensor) -> torch.Tensor:
+    """E[v v^T] of the rows of `vectors`, on the diagonal blocks of the column groups only (zero elsewhere)."""
+    groups = column_groups(vectors.shape[1])
+    if len(groups) == 1:
+        return vectors.t() @ vectors / len(vectors)
+    moment = vectors.new_zeros(vectors.shape[1], vectors.shape[1])
+    for group in groups:
+        moment[group, group] = vectors[:, group].t() @ vectors[:, group] / len(vectors)
+    return moment
+
+
+def hessian(layer: nn.Module, x: torch.Tensor, call: dict | None, rows: int,
+            generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """GPTQ's E[x x^T] over the weight's columns for one batch, from about `rows` input vectors (a conv's patches
+    at sampled output positions, a Linear's sampled tokens), block-diagonal over column_groups: [K, K] for Linear and Conv2d with groups 1, one
+    [kh * kw, kh * kw] per channel for a depthwise Conv2d: [C, K, K]. `x` is the layer's input and `call` the
+    conv2d call its forward made (KernelInput). None for the layers GPTQ does not support.
+
+    The statistic is an average, so a uniform sample of positions estimates it without the cost of every
+    position's patch (a k x k conv's patches are k * k times its input)."""
     if isinstance(layer, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
-    elif not supported(layer) or call is None:
+        vectors = x.reshape(-1, x.shape[-1])
+        chosen = _sample(len(vectors), rows, generator)
+        return _second_moment(vectors if chosen is None else vectors[chosen.to(x.device)])
+    if not supported(layer) or call is None:
         return None
-    else:
-        taps = layer.kernel_size[0] * layer.kernel_size[1]
-        chunk = max(1, 2 ** 24 // (x[0].numel() * taps))  # bounded memory for a depthwise conv's patches
-        x, padding = call["input"].detach().float(), call.get("padding", 0)
-        if layer.groups == 1:
-            if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and padding in (0, (0, 0), "valid"):
-                rows = x.transpose(0, 1).reshape(x.shape[1], -1).t()
-            else:
-                patches = _patches(x, layer, padding)
-                rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        else:
-            channels, total, count = x.shape[1], 0.0, 0
-            for part in x.split(chunk):
-                patches = _patches(part, layer, padding).reshape(part.shape[0], channels, taps, -1)
-                total = total + torch.einsum("ncil,ncjl->cij", patches, patches)
-                count += part.shape[0] * patches.shape[-1]
-            return total / count
-    return rows.t() @ rows / rows.shape[0]
+    x = call["input"].detach().float()
+    patches = _patches(x, layer, call.get("padding", 0), -(-rows // x.shape[0]), generator)
+    if layer.groups == 1:  # [N * positions, C * kh * kw], F.unfold's column order
+        return _second_moment(patches.permute(0, 2, 1, 3).reshape(-1, patches.shape[1] * patches.shape[3]))
+    per_channel = patches.permute(1, 3, 0, 2).reshape(patches.shape[1], patches.shape[3], -1)  # [C, K, vectors]
+    return torch.bmm(per_channel, per_channel.transpose(1, 2)) / per_channel.shape[2]
 
 
 def _column_quantizer(weight: torch.Tensor, quantizer, device):
@@ -123,29 +179,42 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer, block: int = 12
          damp: float = 0.01) -> torch.Tensor:
     """Weights on the quantizer's grid chosen column by column, each column's error pushed onto the columns not
     yet quantized through the inverse Hessian E[x x^T] (Frantar et al. 2023, GPTQ): the layer's output error on
-    the calibration data, not the weight error, is what is minimised. Returns dequantized weights."""
+    the calibration data, not the weight error, is what is minimised. Each column group (column_groups) is solved
+    with its block of the Hessian. Returns dequantized weights."""
     shape = weight.shape
-    w = weight.detach().double().reshape(shape[0], -1).clone()
-    h = _damped(hessian.to(w.device), damp)
-    order = torch.argsort(torch.diag(h), descending=True)  # the columns that matter most go first
-    w, h = w[:, order], h[order][:, order]
-    kept, original = _extremes(w, quantizer.params.channel_wise), w.clone()
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w = weight.detach().double().reshape(shape[0], -1)
+    kept = _extremes(w, quantizer.params.channel_wise)
     quantize_column = _column_quantizer(weight, quantizer, w.device)
+    hessian = hessian.to(w.device)
+    out = torch.empty_like(w)
+    for group in column_groups(w.shape[1]):
+        out[:, group] = _solve(w[:, group], hessian[group, group], kept[:, group], quantize_column, block, damp)
+    return out.reshape(shape).to(weight.dtype)
+
+
+def _solve(w: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, quantize_column, block: int,
+           damp: float) -> torch.Tensor:
+    """GPTQ on the columns of `w` with their Hessian, lazily updated `block` columns at a time; the `kept`
+    weights stay as they are."""
+    h = _damped(hessian, damp)
+    order = torch.argsort(torch.diag(h), descending=True)  # the columns that matter most go first
+    w, h, kept = w[:, order].clone(), h[order][:, order], kept[:, order]
+    original = w.clone()
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out = torch.zeros_like(w)
     for start in range(0, w.shape[1], block):
         end = min(start + block, w.shape[1])
         w1, errors = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start, dtype=w.dtype, device=w.device)
         for k in range(end - start):
-            q = quantize_column(w1[:, k])
+            # a kept weight is taken as it was: the updates of earlier columns do not move it
+            column = torch.where(kept[:, start + k], original[:, start + k], w1[:, k])
+            q = quantize_column(column)
             out[:, start + k] = q
-            error = (w1[:, k] - q) / upper[start + k, start + k]
-            w1[:, k:] -= error[:, None] * upper[start + k, start:end][None, k:]
-            w1 = torch.where(kept[:, start:end], original[:, start:end], w1)
+            error = (column - q) / upper[start + k, start + k]
+            w1[:, k + 1:].addr_(error, upper[start + k, start + k + 1:end], alpha=-1)
             errors[:, k] = error
-        w[:, end:] -= errors @ upper[start:end, end:]
-        w = torch.where(kept, original, w)
-    return out[:, torch.argsort(order)].reshape(shape).to(weight.dtype)
+        w[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1)
+    return out[:, torch.argsort(order)]
 
 
 def gptq_depthwise(weight: torch.Tensor, hessians: torch.Tensor, quantizer,

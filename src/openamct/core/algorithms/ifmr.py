@@ -9,18 +9,34 @@ import math
 import numpy as np
 import torch
 
-from ..primitives import act_qparams, observed_values
+from ..primitives import act_qparams, check_finite_range, flat_values
 
 
-def _largest(x: torch.Tensor, k: int, sample: torch.Tensor) -> torch.Tensor:
-    """The k largest values of x, sorted; a threshold taken from `sample` avoids a topk over all of x."""
+BLOCK = 256  # values per block whose extremes locate the tails
+
+
+def _tails(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(the k largest values of flat `x` sorted descending, the k largest of -x likewise, min, max).
+
+    One pass takes each block's max (another its min); the k largest values lie in the k blocks of largest maxima
+    (a value outside them has k larger block maxima above it) and are at least the k-th of those maxima, so only
+    those values of those blocks are searched: no top-k, mask or negated copy over all of x."""
     k = min(k, x.numel())
-    wanted = math.ceil(4 * k * sample.numel() / x.numel()) + 16
-    if sample.numel() < x.numel() and wanted < sample.numel():
-        candidates = x[x >= sample.topk(wanted).values[-1]]
-        if candidates.numel() >= k:
-            return candidates.topk(k).values
-    return x.topk(k).values
+    whole = x.numel() // BLOCK * BLOCK
+    blocks, rest = x[:whole].view(-1, BLOCK), x[whole:]
+    maxima, minima = blocks.amax(1), blocks.amin(1)  # (two reductions are far faster than aminmax along a dim)
+    lo, hi = float(torch.cat([minima, rest]).min()), float(torch.cat([maxima, rest]).max())  # NaN shows here
+    found = []
+    for extremes, largest in ((maxima, True), (minima, False)):
+        if len(extremes) <= k:
+            candidates = x
+        else:
+            bound = extremes.topk(k, largest=largest)
+            candidates = torch.cat([blocks[bound.indices].reshape(-1), rest])
+            threshold = bound.values[-1]
+            candidates = candidates[candidates >= threshold] if largest else candidates[candidates <= threshold]
+        found.append(candidates.topk(k, largest=largest).values)
+    return found[0], -found[1], lo, hi
 
 
 def _sq_errors(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,9 +60,11 @@ class IFMRObserver:
     """AMCT's IFMR: percentile bounds, then the clip_max (x search_range) minimising quantization MSE."""
 
     def __init__(self, params, asymmetric: bool, batch_num: int, layer: str = "", max_samples: int = 2 ** 19,
-                 tail: int = 4096):
+                 tail: int = 1024):
         self.params, self.asymmetric, self.batch_num, self.layer = params, asymmetric, batch_num, layer
         self.budget = max(1, max_samples // batch_num)
+        # the exact extremes kept at each end: the default percentile (1 - 1e-6) of up to 1e9 values lies within
+        # them; beyond, the sample's quantile serves
         self.tail = tail
         # the samples of all batches, in one buffer allocated at the first: many small tensors kept between the
         # large transient ones of each batch would fragment the heap, and the process would grow with the batches
@@ -57,7 +75,9 @@ class IFMRObserver:
         self._generator = torch.Generator().manual_seed(0)
 
     def observe(self, x: torch.Tensor) -> None:
-        x, _, _ = observed_values(x, self.layer)
+        x = flat_values(x, self.layer)
+        top, bottom, lo, hi = _tails(x, self.tail)
+        check_finite_range(lo, hi, self.layer)
         self.count += x.numel()
         if x.numel() > self.budget:
             sample = x[torch.randint(x.numel(), (self.budget,), generator=self._generator).to(x.device)]
@@ -67,7 +87,6 @@ class IFMRObserver:
             self.samples = torch.empty(self.budget * self.batch_num, device=x.device)
         self.samples[self.filled:self.filled + sample.numel()] = sample
         self.filled += sample.numel()
-        top, bottom = _largest(x, self.tail, sample), _largest(-x, self.tail, -sample)
         self.top = top if self.top is None else self._merge(self.top, top)
         self.bottom = bottom if self.bottom is None else self._merge(self.bottom, bottom)
 
