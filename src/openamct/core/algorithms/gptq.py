@@ -7,7 +7,6 @@ padding) of the conv2d call inside the layer's forward, so a conv that pads in i
 padding computed at run time) gets the statistics of its padded input without the core knowing its class.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -114,9 +113,10 @@ def _second_moment(vectors: torch.Tensor) -> torch.Tensor:
 def hessian(layer: nn.Module, x: torch.Tensor, call: dict | None, rows: int,
             generator: torch.Generator | None = None) -> torch.Tensor | None:
     """GPTQ's E[x x^T] over the weight's columns for one batch, from about `rows` input vectors (a conv's patches
-    at sampled output positions, a Linear's sampled tokens), block-diagonal over column_groups: [K, K] for Linear and Conv2d with groups 1, one
-    [kh * kw, kh * kw] per channel for a depthwise Conv2d: [C, K, K]. `x` is the layer's input and `call` the
-    conv2d call its forward made (KernelInput). None for the layers GPTQ does not support.
+    at sampled output positions, a Linear's sampled tokens): [K, K] (block-diagonal over column_groups) for
+    Linear and Conv2d with groups 1, one [kh * kw, kh * kw] per channel for a depthwise Conv2d: [C, K, K]. `x` is
+    the layer's input and `call` the conv2d call its forward made (KernelInput). None for the layers GPTQ does not
+    support.
 
     The statistic is an average, so a uniform sample of positions estimates it without the cost of every
     position's patch (a k x k conv's patches are k * k times its input)."""

@@ -11,7 +11,6 @@ import torch
 
 from ..primitives import act_qparams, check_finite_range, flat_values
 
-
 BLOCK = 256  # values per block whose extremes locate the tails
 
 
