@@ -18,7 +18,7 @@ from .algorithms import gptq, nuq
 from .algorithms.bias_correction import correct_bias
 from .algorithms.scale_refit import refit_scales
 from .config import LayerConfig
-from .primitives import channel_view, quantize_bias
+from .primitives import channel_view, quantize_bias, round_ste, straight_through
 from .quantizers import ActQuantizer, WeightQuantizer
 from .simulation import Accumulator, active_mode
 
@@ -254,17 +254,15 @@ class QuantLayer(nn.Module):
         codes QLinearConv adds. Gradients pass straight through the roundings.
         """
         scale = self.input_quantizer.scale
-        codes = xq / scale
-        codes = codes + (torch.round(codes) - codes).detach()
+        codes = round_ste(xq / scale)
         scale_w = self.weight_scales().to(xq.device)
         weight = self.layer.weight
-        weight_codes = weight / channel_view(scale_w, weight.dim(), self.axis)
-        weight_codes = weight_codes + (self.weight_quantizer.codes(weight, scale_w) - weight_codes).detach()
+        weight_codes = straight_through(weight / channel_view(scale_w, weight.dim(), self.axis),
+                                        self.weight_quantizer.codes(weight, scale_w))
         grid = scale * scale_w
         bias = self.layer.bias
         if bias is not None:
-            bias = bias / grid
-            bias = bias + (quantize_bias(self.layer.bias, grid) - bias).detach()
+            bias = straight_through(bias / grid, quantize_bias(bias, grid))
         acc = functional_call(self.layer, {"weight": weight_codes, "bias": bias}, (codes,))
         channel_axis = acc.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
         inverse = 1.0 / grid  # divided by, as the fake-quant ONNX model does (see onnx_export/qdq.build_quantized)

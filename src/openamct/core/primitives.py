@@ -67,9 +67,17 @@ def weight_scales(weight: torch.Tensor, num_bits: int = 8, channel_wise: bool = 
     return torch.where(scale < FLT_EPSILON, torch.ones_like(scale), scale)
 
 
+def straight_through(value: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """`exact` forward, with `value`'s gradient (where one is being taken; else `exact` itself, which is the same
+    number: value + (exact - value) rounds back to exact)."""
+    if not (torch.is_grad_enabled() and value.requires_grad):
+        return exact
+    return value + (exact - value).detach()
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() whose gradient passes straight through (for QAT)."""
-    return x + (torch.round(x) - x).detach()
+    return straight_through(x, torch.round(x))
 
 
 def quantize(x: torch.Tensor, scale, offset, num_bits: int = 8) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """`openamct calibrate`: AMCT's post-training flow (create_quant_config -> quantize_model -> batch_num calibration
-batches -> save_model) in AMCT's sample layout under --output, then the FP32 model, the PyTorch simulation and the
-deploy ONNX model (ONNX Runtime) evaluated on the same images, a report and a per-layer error plot."""
+batches -> save_model) in AMCT's sample layout under --output, then the FP32 and deploy ONNX models (and, on request,
+the PyTorch simulation) evaluated on the same images, a report and a per-layer error plot."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ... import amct
 from ...amct.amct_log import log_path
 from ...core.api import is_calibrated, quant_layers
-from ...core.fileio import write_text
+from ...core.fileio import write_bytes, write_text
 from ...onnx_export.parity import describe
 from ..data import ImageLoader
 from ..evaluation import OnnxPredictor, TorchPredictor, evaluate
@@ -31,16 +31,17 @@ Quantize a model with AMCT's post-training flow and compare its accuracy before 
 
 Steps: create_quant_config (from --config, else default W8A8 with --skip-layers and --batch-num)
 -> quantize_model (BN folding, the fused ONNX model) -> calibration on the first batch_num x batch_size
-images of --images -> save_model (deploy and fake-quant ONNX models) -> evaluation of the FP32 model,
-the PyTorch simulation of the INT8 model and the deploy model (ONNX Runtime) on the evaluation
-images (the first --eval images, by default all of them)."""
+images of --images -> save_model (deploy and fake-quant ONNX models) -> evaluation of the FP32 model (its BN-folded
+ONNX export) and the deploy model in ONNX Runtime, and with --eval-simulation of the PyTorch
+simulation, on the evaluation images (the first --eval images, by default all of them)."""
 
 
 EPILOG = f"""\
 outputs (NAME: --name, else the --model name or the FACTORY name; OUTPUT: --output, else outputs/NAME):
   OUTPUT/tmp/config.json               per-layer quantization config (create_quant_config)
   OUTPUT/tmp/record.txt                scales and offsets of every quantized layer
-  OUTPUT/tmp/modified_model.onnx       BN-folded float model (quantize_model)
+  OUTPUT/tmp/modified_model.onnx       BN-folded float model (quantize_model), with the calibrated weights
+  OUTPUT/tmp/fp32_model.onnx           the same before calibration: the FP32 model the evaluation scores
   OUTPUT/NAME_deploy_model.onnx        INT8 QDQ model for deployment (ONNX Runtime, ATC)
   OUTPUT/NAME_fake_quant_model.onnx    float model simulating INT8 (same numbers as the deploy one)
   OUTPUT/quant_report.json             accuracies, parity, per-layer SQNR, paths and timings
@@ -70,6 +71,9 @@ def add_parser(commands) -> None:
                        help="calibration batches (default 8): the first N x --batch-size images calibrate")
     quant.add_argument("--skip-layers", metavar="A,B", default="",
                        help="comma-separated module names to keep in float (e.g. conv1,fc)")
+    calibrate.add_argument("--eval-simulation", action="store_true",
+                           help="also evaluate the PyTorch simulation of the INT8 model (slow: float kernels plus "
+                                "the quantization arithmetic; the deploy model agrees with it, see the parity check)")
     common.device_argument(calibrate)
     calibrate.set_defaults(func=run)
 
@@ -94,6 +98,7 @@ def run(args) -> int:
     tmp = output / "tmp"
     common.check_output_folder(tmp, model)
     config_file, record_file, fused_file = tmp / "config.json", tmp / "record.txt", tmp / "modified_model.onnx"
+    fp32_file = tmp / "fp32_model.onnx"
     model.to(device)
     input_data = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -104,6 +109,7 @@ def run(args) -> int:
         qmodel = amct.quantize_model(str(config_file), str(fused_file), str(record_file), model, input_data,
                                      input_names=["input"], output_names=["output"],
                                      dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
+        write_bytes(str(fp32_file), fused_file.read_bytes())  # calibration rewrites the fused model's weights
     if not quant_layers(qmodel):
         raise common.UsageError(f"{name}: no layer to quantize (every Conv/Linear layer is skipped or unsupported; see "
                          f"{log_path()})")
@@ -140,22 +146,26 @@ def run(args) -> int:
     results = {}
     if args.eval != 0:
         evaluation = dataset.subset(0, args.eval) if args.eval else dataset
-        predictors = {"fp32": TorchPredictor(model, device), "simulation": TorchPredictor(qmodel, device),
-                      "deploy": OnnxPredictor(saved["paths"]["deploy"], args.threads or 0)}
+        predictors = {"fp32": OnnxPredictor(fp32_file, args.threads or 0)}
+        if args.eval_simulation:
+            predictors["simulation"] = TorchPredictor(qmodel, device)
+        predictors["deploy"] = OnnxPredictor(saved["paths"]["deploy"], args.threads or 0)
         with common.timed(timings, "evaluation"):
             accuracy, seconds, top1, eval_skipped = evaluate(predictors, evaluation, args.batch_size, args.workers,
-                                                              "evaluating fp32, simulation, deploy")
+                                                              f"evaluating {', '.join(predictors)}")
         skipped += [path for path in eval_skipped if path not in skipped]
         timings.update({f"evaluation_{key}": round(value, 3) for key, value in seconds.items()})
-        agreement = float((top1["deploy"] == top1["simulation"]).mean()) if len(top1["deploy"]) else None
         results = {"images": accuracy["fp32"].count,
                    "accuracy": {key: {"top1": acc.top1, "top5": acc.top5} for key, acc in accuracy.items()},
                    "top1_drop_points": {key: 100 * (accuracy["fp32"].top1 - accuracy[key].top1)
-                                        for key in ("simulation", "deploy")},
-                   "deploy_simulation_top1_agreement": agreement}
+                                        for key in predictors if key != "fp32"},
+                   "deploy_top1_agreement": {key: float((top1["deploy"] == top1[key]).mean())
+                                             if len(top1["deploy"]) else None
+                                             for key in predictors if key != "deploy"}}
     timings["total"] = round(time.perf_counter() - start, 3)
 
     paths = {"config": str(config_file), "record": str(record_file), "modified_model": str(fused_file),
+             "fp32_model": str(fp32_file),
              "deploy_model": saved["paths"]["deploy"], "fake_quant_model": saved["paths"]["fake_quant"],
              "report": str(output / "quant_report.json"), "layer_error_plot": plot_file, "log": log_path()}
     if "nuq_weights" in saved["paths"]:
@@ -192,14 +202,18 @@ def _print_summary(report, args) -> None:
         out.append(f"\nAccuracy on {results['images']} images (the first {seen} also calibrated: the weights and "
                    f"ranges fit them best):" if seen else f"\nAccuracy on {results['images']} images:")
         out.append(f"  {'model':<27}{'top-1':>8}{'top-5':>9}{'top-1 drop':>13}")
-        labels = {"fp32": "FP32 (PyTorch)", "simulation": "INT8 simulation (PyTorch)", "deploy": "INT8 deploy (ORT)"}
+        labels = {"fp32": "FP32 (ORT, BN folded)", "simulation": "INT8 simulation (PyTorch)",
+                  "deploy": "INT8 deploy (ORT)"}
         for key, label in labels.items():
+            if key not in results["accuracy"]:
+                continue
             acc = results["accuracy"][key]
             drop = f"{results['top1_drop_points'][key]:>9.2f} pts" if key != "fp32" else ""
             out.append(f"  {label:<27}{100 * acc['top1']:>7.2f}%{100 * acc['top5']:>8.2f}%{drop}")
-        if results["deploy_simulation_top1_agreement"] is not None:
-            out.append(f"  deploy and simulation agree on the top-1 class of "
-                       f"{100 * results['deploy_simulation_top1_agreement']:.1f}% of the images")
+        for key, agreement in results["deploy_top1_agreement"].items():
+            if agreement is not None:
+                out.append(f"  deploy and {'FP32' if key == 'fp32' else key} agree on the top-1 class of "
+                           f"{100 * agreement:.1f}% of the images")
     if report["parity"]:
         out.append("\nParity with the PyTorch simulation (first calibration batch):")
         out += [f"  {describe(kind, result)}" for kind, result in report["parity"].items()]
@@ -210,6 +224,7 @@ def _print_summary(report, args) -> None:
                    + ", ".join(f"{k} {errors[k]:.1f} dB" for k in worst))
     out.append("\nOutputs:")
     labels = {"config": "quant config", "record": "record", "modified_model": "fused float model",
+              "fp32_model": "FP32 model",
               "deploy_model": "deploy model", "fake_quant_model": "fake-quant model", "report": "report",
               "layer_error_plot": "layer error plot", "nuq_weights": "NUQ packed weights", "log": "log"}
     for key, label in labels.items():
