@@ -319,6 +319,9 @@ def test_gptq_hessian_from_gathered_patches_equals_unfold(groups, kernel, stride
     call = {"input": x, "padding": padding}
     expected = _unfold_hessian(layer, x, padding)
     torch.testing.assert_close(gptq.hessian(layer, x, call, rows=10 ** 9), expected, rtol=1e-5, atol=1e-6)
+    nhwc = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(gptq.hessian(layer, nhwc, {"input": nhwc, "padding": padding}, rows=10 ** 9),
+                               expected, rtol=1e-5, atol=1e-6)
     sampled = [gptq.hessian(layer, x, call, rows=3 * 10, generator=torch.Generator().manual_seed(seed))
                for seed in [0, 0] + list(range(1, 64))]
     assert torch.equal(sampled[0], sampled[1])

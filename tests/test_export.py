@@ -215,3 +215,25 @@ def test_log_line_format_and_levels(tmp_path):
     env["AMCT_LOG_LEVEL"] = "loud"
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "AMCT_LOG_LEVEL='loud'" in run.stderr
+
+
+class _ViewsAFeatureMap(ConvNet):
+    """ConvNet whose head `.view`s the conv output: code that channels_last activations would break."""
+
+    def forward(self, x):
+        x = self.pw(self.act1(self.bn1(self.conv1(x))))
+        return self.fc(x.view(x.shape[0], -1).reshape(x.shape[0], 8, -1).mean(2))  # flattens C with H, W
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_calibration_runs_channels_last_where_the_model_allows(tmp_path, views):
+    """The calibration copy stores its conv weights channels_last (the user's model keeps its layout), or keeps the
+    default layout, logged, where the forward fails in channels_last; the exported files agree either way."""
+    torch.manual_seed(0)
+    model = _ViewsAFeatureMap().eval() if views else convnet()
+    qmodel, report = run_flow(tmp_path, model, ConvNet.example_input(), [ConvNet.example_input(4)])
+    assert model.conv1.weight.is_contiguous()
+    assert qmodel.conv1.layer.weight.is_contiguous(memory_format=torch.channels_last) != views
+    assert all(result["ok"] for result in report["parity"].values()), report["parity"]
+    log = (tmp_path / "amct_log" / "amct_pytorch.log").read_text()
+    assert ("the model fails in channels_last" in log) == views

@@ -52,6 +52,7 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
     check_names(config.skip_fusion_layers, info.layers, "skip_fusion_layers entry")
     pairs, not_folded = fusions(info, config.do_fusion, config.skip_fusion_layers)
     qmodel = copy.deepcopy(model).eval()
+    _channels_last(qmodel, input_data)
     for conv_name, bn_name in pairs.items():
         if fold_bn(qmodel.get_submodule(conv_name), qmodel.get_submodule(bn_name)):
             set_module(qmodel, bn_name, nn.Identity())
@@ -92,6 +93,27 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
     qmodel.register_forward_hook(exit_simulation, always_call=True)
     _log_coverage(qmodel, config, info)
     return qmodel
+
+
+def _channels_last(model: nn.Module, input_data) -> None:
+    """Store the copy's 4-D weights channels_last, so that its convs (and the activations they hand on) run in the
+    layout CPU and GPU conv kernels are fastest in, unless the model's forward then fails (code that `.view`s a
+    feature map); its outputs are the same numbers either way."""
+    maps = [p for p in model.parameters() if p.dim() == 4]
+    if not maps:
+        return
+
+    def relayout(memory_format):
+        for parameter in maps:
+            parameter.data = parameter.data.contiguous(memory_format=memory_format)
+
+    relayout(torch.channels_last)
+    try:
+        with torch.no_grad():
+            model(*(input_data if isinstance(input_data, (tuple, list)) else (input_data,)))
+    except RuntimeError as err:
+        relayout(torch.contiguous_format)
+        log.info(f"Calibrating in the default memory layout: the model fails in channels_last ({err}).", "Layout")
 
 
 def _log_coverage(qmodel: nn.Module, config: QuantConfig, info) -> None:

@@ -114,10 +114,16 @@ def quantize_bias(bias: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def flat_values(x: torch.Tensor, layer: str) -> torch.Tensor:
-    """An observer's batch as flattened float data."""
+    """An observer's batch as flat float data, in its memory order."""
     if x.numel() == 0:
         raise InputError(f"layer '{layer}': empty calibration batch")
-    return x.detach().float().reshape(-1)
+    x = x.detach().float()
+    return x.permute(*memory_order(x)).reshape(-1)  # a view of a dense tensor in any layout (channels_last too)
+
+
+def memory_order(x: torch.Tensor) -> list[int]:
+    """x's dims from the outermost in memory to the innermost ([0, 2, 3, 1] for channels_last)."""
+    return sorted(range(x.dim()), key=lambda d: -x.stride(d))
 
 
 def check_finite_range(lo: float, hi: float, layer: str) -> None:

@@ -59,12 +59,12 @@ def _sample(total: int, count: int, generator: torch.Generator | None) -> torch.
 
 def _patches(x: torch.Tensor, layer: nn.Conv2d, padding, count: int, generator) -> torch.Tensor:
     """The kernel's input patches at `count` output positions sampled uniformly (the same ones in every image of
-    the batch; all positions where there are fewer): [N, C, positions, kh * kw]. One gather along each channel's
-    contiguous map, so the cost follows the sample, not the map (F.unfold, or padding, would copy all of it);
-    taps in the padding read zero."""
+    the batch; all positions where there are fewer): [N, positions, kh * kw, C]. One gather along the map (each
+    channel's, or each pixel's channels in channels_last), so the cost follows the sample, not the map (F.unfold,
+    or padding, would copy all of it); taps in the padding read zero."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     top, left = _padding(layer, padding)
-    height, width = x.shape[2:]
+    batch, channels, height, width = x.shape
     bottom = (height + 2 * top - dh * (kh - 1) - 1) // sh + 1 if padding != "same" else height
     right = (width + 2 * left - dw * (kw - 1) - 1) // sw + 1 if padding != "same" else width
     chosen = _sample(bottom * right, count, generator)
@@ -73,8 +73,12 @@ def _patches(x: torch.Tensor, layer: nn.Conv2d, padding, count: int, generator) 
     cols = ((position % right) * sw - left)[:, None] + torch.tensor([j * dw for _ in range(kh) for j in range(kw)])
     inside = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).reshape(-1).to(x)
     index = (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).reshape(-1).to(x.device)
-    gathered = x.reshape(x.shape[0] * x.shape[1], height * width).index_select(1, index) * inside.to(x.device)
-    return gathered.reshape(x.shape[0], x.shape[1], len(position), kh * kw)
+    shape = (batch, len(position), kh * kw, channels)
+    if x.is_contiguous():
+        gathered = x.reshape(batch * channels, height * width).index_select(1, index) * inside.to(x.device)
+        return gathered.reshape(batch, channels, -1).transpose(1, 2).reshape(shape)
+    pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view in channels_last
+    return (pixels.index_select(1, index) * inside.to(x.device)[:, None]).reshape(shape)
 
 
 def is_depthwise(layer: nn.Module) -> bool:
@@ -129,8 +133,8 @@ def hessian(layer: nn.Module, x: torch.Tensor, call: dict | None, rows: int,
     x = call["input"].detach().float()
     patches = _patches(x, layer, call.get("padding", 0), -(-rows // x.shape[0]), generator)
     if layer.groups == 1:  # [N * positions, C * kh * kw], F.unfold's column order
-        return _second_moment(patches.permute(0, 2, 1, 3).reshape(-1, patches.shape[1] * patches.shape[3]))
-    per_channel = patches.permute(1, 3, 0, 2).reshape(patches.shape[1], patches.shape[3], -1)  # [C, K, vectors]
+        return _second_moment(patches.permute(0, 1, 3, 2).reshape(-1, patches.shape[3] * patches.shape[2]))
+    per_channel = patches.permute(3, 2, 0, 1).reshape(patches.shape[3], patches.shape[2], -1).contiguous()  # [C, K, n]
     return torch.bmm(per_channel, per_channel.transpose(1, 2)) / per_channel.shape[2]
 
 
