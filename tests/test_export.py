@@ -237,3 +237,24 @@ def test_calibration_runs_channels_last_where_the_model_allows(tmp_path, views):
     assert all(result["ok"] for result in report["parity"].values()), report["parity"]
     log = (tmp_path / "amct_log" / "amct_pytorch.log").read_text()
     assert ("the model fails in channels_last" in log) == views
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_model_carries_the_calibrated_weights(tmp_path, bias):
+    """After calibration the fused model holds the weights and biases calibration chose (put into the export made
+    before it, or, for a bias that bias correction created, exported again), so save_model's files agree."""
+    from openamct.onnx_export.fused import read_fused
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=bias), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    qmodel, report = run_flow(tmp_path, model, ConvNet.example_input(), [ConvNet.example_input(4)])
+    fused, mapping = read_fused("tmp/modified_model.onnx")
+    initializers = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
+    nodes = {n.name: n for n in fused.graph.node}
+    for name, entry in mapping.items():
+        layer = qmodel.get_submodule(name).layer
+        weight = initializers[entry["weight"]]
+        expected = layer.weight.detach().numpy()
+        np.testing.assert_array_equal(weight if weight.shape == expected.shape else weight.T, expected)
+        np.testing.assert_array_equal(initializers[nodes[entry["node"]].input[2]], layer.bias.detach().numpy())
+    assert all(result["ok"] for result in report["parity"].values()), report["parity"]
