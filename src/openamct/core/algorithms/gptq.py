@@ -138,10 +138,10 @@ def hessian(layer: nn.Module, x: torch.Tensor, call: dict | None, rows: int,
     return torch.bmm(per_channel, per_channel.transpose(1, 2)) / per_channel.shape[2]
 
 
-def _column_quantizer(weight: torch.Tensor, quantizer, device):
+def _column_quantizer(weight: torch.Tensor, quantizer, device, dtype=torch.float64):
     """column (one value per output channel) -> its dequantized value on the quantizer's grid (and codebook)."""
-    scale = quantizer.scales(weight).double().to(device).expand(weight.shape[0])
-    table = quantizer.table.to(device).double() if quantizer.table is not None else None
+    scale = quantizer.scales(weight).to(device, dtype).expand(weight.shape[0])
+    table = quantizer.table.to(device, dtype) if quantizer.table is not None else None
     rows = torch.arange(weight.shape[0], device=device) if table is not None and table.shape[0] > 1 else \
         torch.zeros(weight.shape[0], dtype=torch.long, device=device)
     qmin, qmax = qrange(quantizer.params.num_bits)
@@ -186,9 +186,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer, block: int = 12
     the calibration data, not the weight error, is what is minimised. Each column group (column_groups) is solved
     with its block of the Hessian. Returns dequantized weights."""
     shape = weight.shape
-    w = weight.detach().double().reshape(shape[0], -1)
+    w = weight.detach().float().reshape(shape[0], -1)  # the column loop in float32; the factorisation in float64
     kept = _extremes(w, quantizer.params.channel_wise)
-    quantize_column = _column_quantizer(weight, quantizer, w.device)
+    quantize_column = _column_quantizer(weight, quantizer, w.device, w.dtype)
     hessian = hessian.to(w.device)
     out = torch.empty_like(w)
     for group in column_groups(w.shape[1]):
@@ -204,7 +204,7 @@ def _solve(w: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, quantize_
     order = torch.argsort(torch.diag(h), descending=True)  # the columns that matter most go first
     w, h, kept = w[:, order].clone(), h[order][:, order], kept[:, order]
     original = w.clone()
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(w.dtype)
     out = torch.zeros_like(w)
     for start in range(0, w.shape[1], block):
         end = min(start + block, w.shape[1])
