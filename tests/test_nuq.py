@@ -117,7 +117,7 @@ def correlated_layer(seed=0, out=16, inputs=24, samples=512):
 def nuq_output_error(rounds, codebook="layer", seed=0):
     """Output error of a GPTQ + NUQ-4 Linear layer on its calibration inputs, after `rounds` level refits."""
     from openamct.core.config import ActQuantParams, LayerConfig, WeightQuantParams
-    from openamct.core.layer import QuantLayer
+    from openamct.core.layer import QuantLayer, finish_weights
     from openamct.core.quantizers import ActQuantizer
     layer, x = correlated_layer(seed)
     original = layer.weight.detach().clone()
@@ -128,7 +128,7 @@ def nuq_output_error(rounds, codebook="layer", seed=0):
     with torch.no_grad():
         wrapped(x)
     wrapped.input_quantizer.finish()
-    wrapped.finish_weights()
+    finish_weights([wrapped])
     with torch.no_grad():
         delta = wrapped.weight_quantizer(layer.weight).double() - original.double()
         return float(((x.double() @ delta.t()) ** 2).mean()), wrapped

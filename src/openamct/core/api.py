@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import log
 from .capture import ModelInfo, capture, check_finite, fold_bn, fusions, layer_groups, set_module, weight_axis
 from .config import LayerConfig, QuantConfig, Rule, apply_rules, check_names, check_nuq_types
-from .layer import QuantLayer
+from .layer import QuantLayer, finish_weights
 from .quantizers import ActQuantizer
 from .simulation import enter_simulation, exit_simulation
 
@@ -142,14 +142,14 @@ def calibrate(qmodel: nn.Module, calibrate_fn) -> nn.Module:
 def convert(qmodel: nn.Module) -> nn.Module:
     """Compute every layer's quantization parameters from the statistics; the model becomes the simulation."""
     layers = quant_layers(qmodel)
-    for name, layer in tqdm(layers.items(), desc="calibrating layers", unit="layer", leave=False,
+    for name, layer in tqdm(layers.items(), desc="activation ranges", unit="layer", leave=False,
                             disable=len(layers) < 8):
         for quantizer in (layer.input_quantizer, layer.output_quantizer):
             if quantizer is not None and not quantizer.calibrated:
                 log.info(f"Use {quantizer.batches_seen} batch to do layer {name} data calibration.",
                          quantizer.params.act_algo.upper())
                 quantizer.finish()
-        layer.finish_weights()
+    finish_weights(list(layers.values()))
     return qmodel
 
 

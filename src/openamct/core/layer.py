@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call
+from tqdm import tqdm
 
 from . import log
 from .algorithms import gptq, nuq
@@ -107,6 +108,38 @@ def _gptq(job: _WeightJob) -> None:
                              f"calibration data for extreme values, or set rounding to nearest for this layer")
 
 
+def _gptq_together(jobs: list, progress) -> None:
+    """_gptq for every job, the dense layers of one weight shape and grid solved together (gptq.gptq_layers), at
+    most about BATCH_BYTES of their Hessians at a time; a batch that fails is solved again one layer at a time, so
+    only the failing layer falls back. `progress(n)` is told of each n layers done."""
+    batches = {}
+    for job in jobs:
+        params = job.quantizer.params
+        if job.hessian.dim() == 3 or job.quantizer.table is not None or not torch.isfinite(job.hessian).all():
+            _gptq(job)  # depthwise (already one batch over channels), NUQ, or falling back
+            progress(1)
+        else:
+            key = (tuple(job.weight.shape), params.num_bits, params.channel_wise, job.weight.device)
+            batches.setdefault(key, []).append(job)
+    for members in batches.values():
+        width = min(members[0].weight[0].numel(), gptq.MAX_GROUP)
+        size = max(1, BATCH_BYTES // (8 * width ** 2))
+        for start in range(0, len(members), size):
+            batch = members[start:start + size]
+            for job in batch:
+                job.quantizer.fixed_scales = job.quantizer.scales(job.weight)
+            try:
+                chosen = gptq.gptq_layers([job.weight for job in batch], [job.hessian for job in batch],
+                                          [job.quantizer for job in batch])
+            except torch.linalg.LinAlgError:
+                for job in batch:
+                    _gptq(job)
+            else:
+                for job, weight in zip(batch, chosen):
+                    job.chosen = weight
+            progress(len(batch))
+
+
 def _scale_refit(job: _WeightJob) -> None:
     if job.chosen is not None:
         job.chosen = refit_scales(job.weight, job.chosen, job.metric(), job.quantizer)
@@ -143,6 +176,25 @@ def _bias_correction(job: _WeightJob) -> None:
 
 WEIGHT_STEPS = {"nuq_codebook": _nuq_codebook, "gptq": _gptq, "scale_refit": _scale_refit,
                 "nuq_level_refit": _nuq_level_refit, "bias_correction": _bias_correction}
+BATCH_BYTES = 2 ** 27  # float64 Hessian blocks of the layers GPTQ solves together
+
+
+def finish_weights(layers: list) -> None:
+    """After calibration: every layer's weight pipeline on its statistics, one step at a time across the layers
+    (so GPTQ can solve layers of one shape together), then the chosen weights kept."""
+    jobs = [(layer, job) for layer in layers if (job := layer.weight_job()) is not None]
+    total = sum(len(job.pipeline) for _, job in jobs)
+    with tqdm(total=total, desc="weight algorithms", unit="step", leave=False, disable=len(jobs) < 8) as bar:
+        for step, run in WEIGHT_STEPS.items():
+            members = [job for _, job in jobs if step in job.pipeline]
+            if step == "gptq":
+                _gptq_together(members, bar.update)
+                continue
+            for job in members:
+                run(job)
+                bar.update()
+    for layer, job in jobs:
+        layer.keep(job)
 
 
 class QuantLayer(nn.Module):
@@ -200,17 +252,19 @@ class QuantLayer(nn.Module):
             else:
                 self.hessian += hessian
 
-    def finish_weights(self) -> None:
-        """After calibration: run the weight pipeline on the statistics and keep the chosen weights."""
+    def weight_job(self) -> _WeightJob | None:
+        """After calibration: what the weight pipeline works on (None where no statistics were collected); the
+        statistics are handed over."""
         self._weight_cache = None
         if self.input_moments is None:
-            return
+            return None
         mean, power = (self.input_moments / self._batches).to(self.layer.weight.device)
         hessian = self.hessian / self._batches if self.hessian is not None else None
         self.input_moments = self.hessian = None
-        job = _WeightJob(self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian)
-        for step in self.pipeline:
-            WEIGHT_STEPS[step](job)
+        return _WeightJob(self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian)
+
+    def keep(self, job: _WeightJob) -> None:
+        """The pipeline's chosen weights replace the float ones; a fallback is logged and kept for the report."""
         if job.fallbacks:
             self.fallback = "; ".join(job.fallbacks)
             log.warning(f"layer '{self.name}': {self.fallback}", "Calibration")
