@@ -58,8 +58,12 @@ def build(name: str) -> torch.nn.Module:
     return RANDOM[name]().eval() if name in RANDOM else MODELS[name].build(None)
 
 
+def preprocess(name: str):
+    return MODELS["resnet101" if name in RANDOM else name].preprocess  # ResNet-50: ResNet-101's preprocessing
+
+
 def load_images(data: Path, name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    dataset = LabelledImages(data / "images", MODELS[name].preprocess, labels=data / "synsets.txt", limit=n)
+    dataset = LabelledImages(data / "images", preprocess(name), labels=data / "synsets.txt", limit=n)
     loader = ImageLoader(dataset, batch_size=BATCH, workers=2)
     xs, ys = zip(*loader)
     if loader.skipped:
@@ -193,7 +197,7 @@ def main():
     images, fp32, runs, decoded = {}, {}, {}, {}
     for name in names:
         n = max(counts[name], 800 if args.accuracy and name == "efficientnet_lite0" else 0)
-        key = (MODELS[name].preprocess, n)
+        key = (preprocess(name), n)
         if key not in decoded:
             print(f"decoding {n} images for {name} ...", flush=True)
             decoded[key] = load_images(args.data, name, n)
@@ -250,7 +254,7 @@ def main():
 
     if args.accuracy:
         name = "efficientnet_lite0"
-        x, y = decoded[(MODELS[name].preprocess, max(counts[name], 800))]
+        x, y = decoded[(preprocess(name), max(counts[name], 800))]
         print(f"accuracy on {len(y)} images ...", flush=True)
         results["accuracy"] = accuracy(fp32[name], runs[name][-1]["openamct"]["deploy"], x, y, counts[name],
                                        args.threads)

@@ -241,8 +241,8 @@ def test_calibration_runs_channels_last_where_the_model_allows(tmp_path, views):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_model_carries_the_calibrated_weights(tmp_path, bias):
-    """After calibration the fused model holds the weights and biases calibration chose (put into the export made
-    before it, or, for a bias that bias correction created, exported again), so save_model's files agree."""
+    """After calibration the fused model holds the weights and biases calibration chose (a bias too where bias
+    correction created one), so save_model's files agree."""
     from openamct.onnx_export.fused import read_fused
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=bias), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

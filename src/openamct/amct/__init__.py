@@ -19,7 +19,7 @@ from ..core.config import NUQ_TYPES, ConfigError, LayerConfig, QuantConfig, Retr
 from ..core.fileio import is_main_process, write_bytes, write_text
 from ..core.simulation import DATA_PARALLEL_UNSUPPORTED
 from ..onnx_export import export, write_models
-from ..onnx_export.fused import fused_model, put_weights, read_fused
+from ..onnx_export.fused import fused_model, read_fused
 from . import amct_log
 from .config_files import (
     config_from_cfg,
@@ -105,7 +105,7 @@ def _finish_when_done(record_file, batch_num, write_fused):
         if not is_calibrated(module) and all(
                 layer.input_quantizer.batches_seen >= batch_num for layer in quant_layers(module).values()):
             convert(module)
-            write_fused(module, calibrated=True)  # bias correction (and NUQ/GPTQ weights) changed the float layers
+            write_fused(module)  # once calibrated: bias correction (and NUQ/GPTQ weights) change the float layers
             write_record(record_file, records(module))
             log.info(f"Calibration finished; record written to {os.path.realpath(record_file)}", "Calibration")
     return hook
@@ -113,22 +113,17 @@ def _finish_when_done(record_file, batch_num, write_fused):
 
 def quantize_model(config_file, modified_onnx_file, record_file, model, input_data, input_names=None,
                    output_names=None, dynamic_axes=None):
-    """The calibration model. Run `batch_num` batches through it; the record is written after the last one."""
+    """The calibration model. Run `batch_num` batches through it; after the last one the record and the fused model
+    (with the weights calibration chose) are written."""
     amct_log.install()
     info = capture(model, input_data)
     config = load_json(config_file, known_layers=info.layers)
     qmodel = prepare(model, config, input_data, info=info)
 
-    def write_fused(module, calibrated=False):
-        if calibrated:  # the weights and biases calibration changed, put into the export of the same model
-            fused, mapping = read_fused(modified_onnx_file)
-            if put_weights(fused, mapping, module):
-                write_bytes(modified_onnx_file, fused.SerializeToString())
-                return
+    def write_fused(module):
         fused, _ = fused_model(module, input_data, input_names, output_names, dynamic_axes)
         write_bytes(modified_onnx_file, fused.SerializeToString())
 
-    write_fused(qmodel)
     write_text(record_file, "")
     qmodel.register_forward_pre_hook(_capture_sample)
     qmodel.register_forward_hook(_finish_when_done(record_file, config.batch_num, write_fused))
@@ -141,10 +136,10 @@ def save_model(modified_onnx_file, record_file, save_path):
     and check their parity with the calibration model of `modified_onnx_file` when it is still alive."""
     amct_log.install()
     layer_records = read_record(record_file)
-    fused, mapping = read_fused(modified_onnx_file)
     if not layer_records:
         raise RuntimeError(f"save_model: record file {record_file} is empty: calibration has not finished "
                            f"(run batch_num batches through the model returned by quantize_model first)")
+    fused, mapping = read_fused(modified_onnx_file)
     missing = sorted(set(mapping) - set(layer_records))
     if missing:
         raise RuntimeError(f"save_model: record file {record_file} has no entry for layers {missing}")

@@ -156,36 +156,6 @@ def fused_model(qmodel, input_data, input_names=None, output_names=None,
     return onnx_model, mapping
 
 
-def put_weights(onnx_model: onnx.ModelProto, mapping: dict, qmodel: torch.nn.Module) -> bool:
-    """Put the weights and biases of `qmodel`'s layers, changed by calibration, into `onnx_model`, its fused model
-    exported before (in place; cheaper than exporting again). False, and nothing changed, where its structure does
-    not allow it (a bias that calibration created, a weight of another shape): then export again."""
-    initializers = {i.name: i for i in onnx_model.graph.initializer}
-    nodes = {n.name: n for n in onnx_model.graph.node}
-    updates = []
-    for name, entry in mapping.items():
-        layer = qmodel.get_submodule(name).layer
-        node = nodes.get(entry["node"])
-        values = [(entry["weight"], layer.weight)]
-        if layer.bias is not None:
-            if node is None or len(node.input) < 3 or not node.input[2]:
-                return False
-            values.append((node.input[2], layer.bias))
-        for initializer, tensor in values:
-            array = tensor.detach().cpu().float().numpy()
-            if initializer not in initializers:
-                return False
-            dims = tuple(initializers[initializer].dims)
-            if dims != array.shape:
-                if array.ndim != 2 or dims != array.T.shape:
-                    return False
-                array = array.T  # Gemm without transB
-            updates.append((initializers[initializer], np.ascontiguousarray(array)))
-    for initializer, array in updates:
-        initializer.CopyFrom(numpy_helper.from_array(array, initializer.name))
-    return True
-
-
 def read_fused(path: str) -> tuple[onnx.ModelProto, dict]:
     model = onnx.load(path)
     meta = {p.key: p.value for p in model.metadata_props}

@@ -16,6 +16,7 @@ from ... import amct
 from ...amct.amct_log import log_path
 from ...core.api import is_calibrated, quant_layers
 from ...core.fileio import write_bytes, write_text
+from ...onnx_export.fused import fused_model
 from ...onnx_export.parity import describe
 from ..data import ImageLoader
 from ..evaluation import OnnxPredictor, TorchPredictor, evaluate
@@ -40,8 +41,8 @@ EPILOG = f"""\
 outputs (NAME: --name, else the --model name or the FACTORY name; OUTPUT: --output, else outputs/NAME):
   OUTPUT/tmp/config.json               per-layer quantization config (create_quant_config)
   OUTPUT/tmp/record.txt                scales and offsets of every quantized layer
-  OUTPUT/tmp/modified_model.onnx       BN-folded float model (quantize_model), with the calibrated weights
-  OUTPUT/tmp/fp32_model.onnx           the same before calibration: the FP32 model the evaluation scores
+  OUTPUT/tmp/modified_model.onnx       BN-folded float model with the calibrated weights (save_model's input)
+  OUTPUT/tmp/fp32_model.onnx           BN-folded FP32 model: the baseline the evaluation scores
   OUTPUT/NAME_deploy_model.onnx        INT8 QDQ model for deployment (ONNX Runtime, ATC)
   OUTPUT/NAME_fake_quant_model.onnx    float model simulating INT8 (same numbers as the deploy one)
   OUTPUT/quant_report.json             accuracies, parity, per-layer SQNR, paths and timings
@@ -109,7 +110,9 @@ def run(args) -> int:
         qmodel = amct.quantize_model(str(config_file), str(fused_file), str(record_file), model, input_data,
                                      input_names=["input"], output_names=["output"],
                                      dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
-        write_bytes(str(fp32_file), fused_file.read_bytes())  # calibration rewrites the fused model's weights
+        fp32, _ = fused_model(qmodel, input_data, ["input"], ["output"], {"input": {0: "batch_size"},
+                                                                         "output": {0: "batch_size"}})
+        write_bytes(str(fp32_file), fp32.SerializeToString())  # the FP32 baseline: BN folded, before calibration
     if not quant_layers(qmodel):
         raise common.UsageError(f"{name}: no layer to quantize (every Conv/Linear layer is skipped or unsupported; see "
                          f"{log_path()})")

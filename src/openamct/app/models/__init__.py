@@ -12,11 +12,11 @@ from torch import nn
 
 from ..data import Preprocess
 from .efficientnet_lite import EfficientNetLite0, efficientnet_lite0
-from .resnet import ResNet50, ResNet101, resnet50, resnet101
+from .resnet import ResNet50, ResNet101, resnet101
 
 __all__ = [
     "MODELS", "EfficientNetLite0", "ModelSpec", "ResNet50", "ResNet101", "efficientnet_lite0", "load_model_file",
-    "resnet50", "resnet101",
+    "resnet101",
 ]
 
 
@@ -33,7 +33,6 @@ MODELS: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(
         efficientnet_lite0, Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     ),
-    "resnet50": ModelSpec(resnet50, Preprocess()),
     "resnet101": ModelSpec(resnet101, Preprocess()),
 }
 

@@ -98,10 +98,3 @@ def resnet101(weights: str | None = None, num_classes: int = 1000) -> ResNet101:
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 
-
-def resnet50(weights: str | None = None, num_classes: int = 1000) -> ResNet50:
-    """ResNet-50 in eval mode: random weights, or the torchvision-style checkpoint at ``weights``."""
-    model = ResNet50(num_classes)
-    if weights is not None:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
