@@ -86,21 +86,21 @@ def pinned(threads: int):
 
 # ---------------------------------------------------------------- openamct (in a spawned child)
 
-def openamct_child(name: str, images_path: str, threads: int, work: str) -> None:
+def openamct_child(name: str, images_path: str, threads: int, work: str, batch: int) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")  # console; amct_log/ in `work` keeps info
     os.chdir(work)
     model = build(name)
     images = np.load(images_path, mmap_mode="r")
     x0 = torch.from_numpy(np.array(images[:1]))
-    starts = range(0, len(images), BATCH)
+    starts = range(0, len(images), batch)
     base = proc_mem_mb()
     t0 = time.perf_counter()
     amct.create_quant_config("config.json", model, x0, batch_num=len(starts))
     calib = amct.quantize_model("config.json", "tmp/modified_model.onnx", "tmp/record.txt", model, x0, **IO)
     with torch.no_grad():
         for i in starts:
-            calib(torch.from_numpy(np.array(images[i:i + BATCH])))
+            calib(torch.from_numpy(np.array(images[i:i + batch])))
     report = amct.save_model("tmp/modified_model.onnx", "tmp/record.txt", os.path.join(work, name))
     seconds = time.perf_counter() - t0
     Path("result.json").write_text(json.dumps({
@@ -109,10 +109,10 @@ def openamct_child(name: str, images_path: str, threads: int, work: str) -> None
         "parity_ok": all(p["ok"] for p in (report.get("parity") or {}).values())}))
 
 
-def run_openamct(name: str, images_path: str, threads: int, work: Path) -> dict:
+def run_openamct(name: str, images_path: str, threads: int, work: Path, batch: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     (work / "result.json").unlink(missing_ok=True)
-    proc = mp.get_context("spawn").Process(target=openamct_child, args=(name, images_path, threads, str(work)))
+    proc = mp.get_context("spawn").Process(target=openamct_child, args=(name, images_path, threads, str(work), batch))
     with pinned(threads):
         proc.start()
     proc.join()
@@ -181,6 +181,7 @@ def main():
     p.add_argument("--out", type=Path, default=Path("/tmp/speedbench"))
     p.add_argument("--images-lite0", type=int, default=256)
     p.add_argument("--images-resnet", type=int, default=160)
+    p.add_argument("--batch-size", type=int, default=BATCH, help="openamct's calibration batch (default 32)")
     p.add_argument("--accuracy", action="store_true",
                    help="after the timed runs, Lite0's FP32 and openamct deploy model top-1 and KL on 800 images")
     args = p.parse_args()
@@ -217,7 +218,7 @@ def main():
         for name in names:
             print(f"round {r + 1}/{args.rounds}: {name} openamct ...", flush=True)
             work = out / name / "openamct"
-            ours = run_openamct(name, images[name], args.threads, work)
+            ours = run_openamct(name, images[name], args.threads, work, args.batch_size)
             print(f"  {ours['seconds']:.1f} s, peak {ours['peak_rss_mb']:.0f} MB; ORT MinMax ...", flush=True)
             folded = work / "tmp" / "modified_model.onnx"
             ort = run_ort(([str(folded)] if folded.is_file() else []) + [fp32[name]], images[name], args.threads,
@@ -225,8 +226,8 @@ def main():
             print(f"  {ort['seconds']:.1f} s, peak {ort['peak_rss_mb']:.0f} MB", flush=True)
             runs[name].append({"openamct": ours, "ort": ort})
 
-    notes = [f"ORT calibration batch 1; openamct batches of {BATCH}; {args.threads} threads (torch.set_num_threads; "
-             f"both children pinned to {args.threads} CPUs where the machine has more)",
+    notes = [f"ORT calibration batch 1; openamct batches of {args.batch_size}; {args.threads} threads "
+             f"(torch.set_num_threads; both children pinned to {args.threads} CPUs where the machine has more)",
              f"median of {args.rounds} interleaved round(s); peak = the child's VmHWM (imports included)"]
     models = {}
     for name, rs in runs.items():

@@ -58,8 +58,8 @@ def _sample(total: int, count: int, generator: torch.Generator | None) -> torch.
 
 
 def _patches(x: torch.Tensor, layer: nn.Conv2d, padding, count: int, generator) -> torch.Tensor:
-    """The kernel's input patches at `count` output positions sampled uniformly (the same ones in every image of
-    the batch; all positions where there are fewer): [N, positions, kh * kw, C]. One gather along the map (each
+    """The kernel's input patches at `count` output positions of each image, drawn uniformly and independently per
+    image (all positions where there are fewer): [N, positions, kh * kw, C]. One gather along the map (each
     channel's, or each pixel's channels in channels_last), so the cost follows the sample, not the map (F.unfold,
     or padding, would copy all of it); taps in the padding read zero."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
@@ -67,18 +67,22 @@ def _patches(x: torch.Tensor, layer: nn.Conv2d, padding, count: int, generator) 
     batch, channels, height, width = x.shape
     bottom = (height + 2 * top - dh * (kh - 1) - 1) // sh + 1 if padding != "same" else height
     right = (width + 2 * left - dw * (kw - 1) - 1) // sw + 1 if padding != "same" else width
-    chosen = _sample(bottom * right, count, generator)
-    position = torch.arange(bottom * right) if chosen is None else chosen
-    rows = ((position // right) * sh - top)[:, None] + torch.tensor([i * dh for i in range(kh) for _ in range(kw)])
-    cols = ((position % right) * sw - left)[:, None] + torch.tensor([j * dw for _ in range(kh) for j in range(kw)])
-    inside = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).reshape(-1).to(x)
-    index = (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).reshape(-1).to(x.device)
-    shape = (batch, len(position), kh * kw, channels)
+    if count >= bottom * right:
+        position = torch.arange(bottom * right).expand(batch, -1)
+    else:
+        position = torch.randint(bottom * right, (batch, count), generator=generator)
+    rows = ((position // right) * sh - top)[..., None] + torch.tensor([i * dh for i in range(kh) for _ in range(kw)])
+    cols = ((position % right) * sw - left)[..., None] + torch.tensor([j * dw for _ in range(kh) for j in range(kw)])
+    inside = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).reshape(batch, -1).to(x)
+    index = (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).reshape(batch, -1).to(x.device)
+    inside = inside.to(x.device)
+    shape = (batch, position.shape[1], kh * kw, channels)
     if x.is_contiguous():
-        gathered = x.reshape(batch * channels, height * width).index_select(1, index) * inside.to(x.device)
+        maps = x.reshape(batch, channels, height * width)
+        gathered = maps.gather(2, index[:, None, :].expand(-1, channels, -1)) * inside[:, None, :]
         return gathered.reshape(batch, channels, -1).transpose(1, 2).reshape(shape)
     pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view in channels_last
-    return (pixels.index_select(1, index) * inside.to(x.device)[:, None]).reshape(shape)
+    return (pixels.gather(1, index[:, :, None].expand(-1, -1, channels)) * inside[:, :, None]).reshape(shape)
 
 
 def is_depthwise(layer: nn.Module) -> bool:
