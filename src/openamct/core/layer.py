@@ -245,7 +245,8 @@ class QuantLayer(nn.Module):
             if self._generator is None:  # the positions sampled for the Hessian: the same on every run
                 self._generator = torch.Generator().manual_seed(0)
             columns = self.layer.weight[0].numel()
-            rows = gptq.hessian_rows(columns, self.input_quantizer.batch_num)
+            params = self.weight_quantizer.params
+            rows = gptq.hessian_rows(columns, self.input_quantizer.batch_num, fine=params.nuq or params.num_bits < 8)
             hessian = gptq.hessian(self.layer, x, call, rows, self._generator)
             if self.hessian is None:
                 self.hessian = hessian

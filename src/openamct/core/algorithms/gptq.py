@@ -22,6 +22,9 @@ HESSIAN_MACS = 2 ** 32
 # (the blocks off the diagonal are not estimated): a K x K Cholesky costs K^3, and the few thousand sampled rows
 # that are affordable cannot estimate a full Hessian of a 3 x 3 conv over 512 channels (K = 4608) anyway
 MAX_GROUP = 1280
+# Below 8 bits, and for NUQ codebooks, rounding errors are larger and the codebook fit reads the Hessian too: a
+# sample this many times larger
+FINE_SAMPLE = 16
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
@@ -100,11 +103,13 @@ def column_groups(columns: int) -> list[slice]:
     return [slice(start, min(start + size, columns)) for start in range(0, columns, size)]
 
 
-def hessian_rows(columns: int, batches: int) -> int:
-    """Input vectors a layer's Hessian samples per calibration batch (see ROWS_PER_COLUMN)."""
+def hessian_rows(columns: int, batches: int, fine: bool = False) -> int:
+    """Input vectors a layer's Hessian samples per calibration batch (see ROWS_PER_COLUMN; FINE_SAMPLE times more
+    where `fine`)."""
+    scale = FINE_SAMPLE if fine else 1
     width = min(columns, MAX_GROUP)
-    total = min(MAX_ROWS, ROWS_PER_COLUMN * width, HESSIAN_MACS // (columns * width))
-    return -(-max(MIN_ROWS, total) // max(1, batches))
+    total = scale * min(MAX_ROWS, ROWS_PER_COLUMN * width, HESSIAN_MACS // (columns * width))
+    return -(-max(scale * MIN_ROWS, total) // max(1, batches))
 
 
 def _second_moment(vectors: torch.Tensor) -> torch.Tensor:
