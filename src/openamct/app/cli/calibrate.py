@@ -107,11 +107,10 @@ def run(args) -> int:
         amct.create_quant_config(str(config_file), model, input_data, skip_layers=skip_layers,
                                  batch_num=args.batch_num, config_defination=args.config)
         batch_num = json.loads(config_file.read_text())["batch_num"]
-        qmodel = amct.quantize_model(str(config_file), str(fused_file), str(record_file), model, input_data,
-                                     input_names=["input"], output_names=["output"],
-                                     dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
-        fp32, _ = fused_model(qmodel, input_data, ["input"], ["output"], {"input": {0: "batch_size"},
-                                                                         "output": {0: "batch_size"}})
+        io = dict(input_names=["input"], output_names=["output"],
+                  dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
+        qmodel = amct.quantize_model(str(config_file), str(fused_file), str(record_file), model, input_data, **io)
+        fp32, _ = fused_model(qmodel, input_data, **io)
         write_bytes(str(fp32_file), fp32.SerializeToString())  # the FP32 baseline: BN folded, before calibration
     if not quant_layers(qmodel):
         raise common.UsageError(f"{name}: no layer to quantize (every Conv/Linear layer is skipped or unsupported; see "

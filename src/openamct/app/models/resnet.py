@@ -97,4 +97,3 @@ def resnet101(weights: str | None = None, num_classes: int = 1000) -> ResNet101:
     model = ResNet101(num_classes)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
-

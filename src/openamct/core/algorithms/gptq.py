@@ -78,7 +78,6 @@ def _patches(x: torch.Tensor, layer: nn.Conv2d, padding, count: int, generator) 
     cols = ((position % right) * sw - left)[..., None] + torch.tensor([j * dw for _ in range(kh) for j in range(kw)])
     inside = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).reshape(batch, -1).to(x)
     index = (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).reshape(batch, -1).to(x.device)
-    inside = inside.to(x.device)
     shape = (batch, position.shape[1], kh * kw, channels)
     if x.is_contiguous():
         maps = x.reshape(batch, channels, height * width)
