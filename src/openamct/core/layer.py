@@ -260,7 +260,7 @@ class QuantLayer(nn.Module):
         if self.input_moments is None:
             return None
         mean, power = (self.input_moments / self._batches).to(self.layer.weight.device)
-        hessian = self.hessian / self._batches if self.hessian is not None else None
+        hessian = self.hessian.div_(self._batches) if self.hessian is not None else None  # in place: no second copy
         self.input_moments = self.hessian = None
         return _WeightJob(self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian)
 

@@ -44,12 +44,28 @@ class QuantizedValues(TorchFunctionMode):
         self.values = {}  # id(float tensor) -> (weakref to it, quantized tensor)
         self.accumulators = {}  # id(float tensor) -> (weakref to it, Accumulator)
 
+    @staticmethod
+    def _remember(table: dict, x: torch.Tensor, value) -> None:
+        """table[id(x)] = value for as long as x lives: the entry (and the tensors it holds) goes when x does,
+        so one forward keeps no more quantized copies and accumulators alive than float tensors."""
+        key = id(x)
+
+        def forget(ref):
+            if table.get(key, (None,))[0] is ref:
+                del table[key]
+
+        table[key] = (weakref.ref(x, forget), value)
+
+    @staticmethod
+    def _recall(table: dict, x: torch.Tensor):
+        entry = table.get(id(x))
+        return entry[1] if entry is not None and entry[0]() is x else None
+
     def put(self, x: torch.Tensor, xq: torch.Tensor) -> None:
-        self.values[id(x)] = (weakref.ref(x), xq)
+        self._remember(self.values, x, xq)
 
     def get(self, x: torch.Tensor):
-        entry = self.values.get(id(x))
-        return entry[1] if entry is not None and entry[0]() is x else None
+        return self._recall(self.values, x)
 
     def _swap(self, t):
         if isinstance(t, torch.Tensor):
@@ -59,11 +75,10 @@ class QuantizedValues(TorchFunctionMode):
         return t
 
     def put_accumulator(self, y: torch.Tensor, source: Accumulator) -> None:
-        self.accumulators[id(y)] = (weakref.ref(y), source)
+        self._remember(self.accumulators, y, source)
 
     def accumulator(self, x: torch.Tensor) -> Accumulator | None:
-        entry = self.accumulators.get(id(x))
-        return entry[1] if entry is not None and entry[0]() is x else None
+        return self._recall(self.accumulators, x)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -77,19 +77,30 @@ def first_divergent_layer(onnx_model: onnx.ModelProto, mapping: dict, qmodel, in
     return None
 
 
-def check(models: dict, mapping: dict, qmodel, inputs) -> dict:
-    """Run each exported model (kind -> ModelProto) in ONNX Runtime and compare with `qmodel` on `inputs`."""
-    sessions = {kind: session(model) for kind, model in models.items()}
-    batch = next(iter(sessions.values())).get_inputs()[0].shape[0]
-    if isinstance(batch, int):  # exported without a dynamic batch axis: feed what it takes
-        inputs = tuple(t[:batch] if isinstance(t, torch.Tensor) else t for t in inputs)
+def _chunks(inputs: tuple, chunk: int) -> list[tuple]:
+    """`inputs` (a tuple of model inputs) split along the batch dim of its tensors, `chunk` samples each."""
+    n = next(len(t) for t in inputs if isinstance(t, torch.Tensor))
+    return [tuple(t[i:i + chunk] if isinstance(t, torch.Tensor) else t for t in inputs) for i in range(0, n, chunk)]
+
+
+def check(models: dict, mapping: dict, qmodel, inputs, chunk: int = 8) -> dict:
+    """Run each exported model (kind -> ModelProto) in ONNX Runtime and compare with `qmodel` on `inputs`.
+
+    The simulation runs `chunk` samples at a time; ONNX Runtime one session and one sample at a time, where its
+    CPU provider is fastest and its arena, which keeps what the largest run needed, smallest (an unfused
+    fake-quant graph needs several times the float model's memory per sample)."""
+    batch = next(iter(models.values())).graph.input[0].type.tensor_type.shape.dim[0]
+    fixed = batch.dim_value if batch.HasField("dim_value") else None  # exported without a dynamic batch axis
+    if fixed:
+        inputs = _chunks(inputs, fixed)[0]
     with torch.no_grad():
-        reference = qmodel(*_on_device(qmodel, inputs))
-    reference = reference.detach().cpu().numpy()
+        reference = np.concatenate([qmodel(*_on_device(qmodel, part)).detach().cpu().numpy()
+                                    for part in _chunks(inputs, fixed or chunk)])
     report = {}
     for kind, model in models.items():
-        sess = sessions[kind]
-        output = sess.run(None, _feeds(sess, inputs))[0]
+        sess = session(model)
+        output = np.concatenate([sess.run(None, _feeds(sess, part))[0] for part in _chunks(inputs, fixed or 1)])
+        del sess  # before the next session is built
         result = compare(reference, output)
         result["ok"] = result["relative_diff"] <= TOLERANCE and result.get("top1_agreement", 1.0) >= 0.9
         if not result["ok"]:

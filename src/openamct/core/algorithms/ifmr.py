@@ -41,15 +41,19 @@ def _tails(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float, 
 def _sq_errors(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Summed squared error of quantizing v for each candidate (lo, hi, scale), the grid k * scale.
 
-    All candidates at once, in chunks of v: few large tensor ops, not one small op per candidate. In float32, and
-    again in float64 where float32's squares overflow (activations beyond about 1e19).
+    All candidates at once, in chunks of v: few large tensor ops, not one small op per candidate, in place on one
+    buffer (a new tensor per op would cost the allocation and page faults of each). In float32, and again in
+    float64 where float32's squares overflow (activations beyond about 1e19).
     """
     for dtype in (torch.float32, torch.float64):
         grid = [t.to(v.device, dtype)[:, None] for t in (lo, hi, scale)]
         total = torch.zeros(grid[0].shape[0], dtype=torch.float64, device=v.device)
+        buffer = None
         for chunk in v.to(dtype).split(1 << 16):
-            total += ((torch.round(torch.clamp(chunk[None, :], grid[0], grid[1]) / grid[2]) * grid[2] - chunk) ** 2
-                      ).sum(1)
+            if buffer is None or buffer.shape[1] != chunk.numel():
+                buffer = torch.empty(grid[0].shape[0], chunk.numel(), dtype=dtype, device=v.device)
+            torch.clamp(chunk[None, :], grid[0], grid[1], out=buffer)
+            total += buffer.div_(grid[2]).round_().mul_(grid[2]).sub_(chunk).square_().sum(1)
         if torch.isfinite(total).all():
             break
     return total
