@@ -7,6 +7,9 @@ Div/Round/Add/Clip/Sub give integer codes, each layer runs on integer-valued wei
 come from the accumulator in one Mul, as QLinearConv requantizes. This is the arithmetic of the PyTorch simulation,
 step for step, so the two agree bit for bit.
 """
+import heapq
+from collections import defaultdict
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -39,18 +42,30 @@ def layer_codes(entry: dict, rec, weight: np.ndarray) -> np.ndarray:
 
 
 def _toposort(graph: onnx.GraphProto, nodes: list) -> None:
-    """Replace graph.node by `nodes` in an order where every input is produced before it is used."""
+    """Replace graph.node by `nodes` in an order where every input is produced before it is used (Kahn's algorithm,
+    the earliest-listed ready node first, so an already sorted list is kept as it is)."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(nodes), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise RuntimeError("graph has a cycle or an undefined input: " + pending[0].name)
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for n in ready:
-            ordered.append(n)
-            available.update(n.output)
+    producer = {output: index for index, node in enumerate(nodes) for output in node.output}
+    waiting = [0] * len(nodes)  # inputs each node still waits for
+    users = defaultdict(list)
+    for index, node in enumerate(nodes):
+        for name in set(node.input) - available:
+            if name not in producer:
+                raise RuntimeError(f"graph has an undefined input: {name} of {node.name}")
+            waiting[index] += 1
+            users[producer[name]].append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        index = heapq.heappop(ready)
+        ordered.append(nodes[index])
+        for user in users[index]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(ordered) < len(nodes):
+        raise RuntimeError("graph has a cycle: " + next(n.name for i, n in enumerate(nodes) if waiting[i]))
     del graph.node[:]
     graph.node.extend(ordered)
 

@@ -212,7 +212,7 @@ def gptq_layers(weights: list, hessians: list, quantizers: list, block: int = 12
     """gptq() of layers whose weights have one shape, all in one column loop: the same choices as one call each,
     in far fewer (larger) tensor operations, which is what GPTQ's time goes to on a CPU."""
     shape = weights[0].shape
-    w = torch.stack([x.detach().float().reshape(shape[0], -1) for x in weights])  # float32; factorisation float64
+    w = torch.stack([x.detach().float().reshape(shape[0], -1) for x in weights])  # float32
     kept = torch.stack([_extremes(x, q.params.channel_wise) for x, q in zip(w, quantizers)])
     quantize_column = _column_quantizer(weights, quantizers, w.device, w.dtype)
     out = torch.empty_like(w)
@@ -232,7 +232,10 @@ def _solve(w: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, quantize_
     w, kept = w.gather(2, order[:, None, :].expand_as(w)), kept.gather(2, order[:, None, :].expand_as(kept))
     h = h[layers[:, :, None], order[:, :, None], order[:, None, :]]
     original = w.clone()
-    upper = _inverse_cholesky(h).to(w.dtype)
+    try:  # in float32, as GPTQ factorises (twice as fast as float64; the damping keeps h well conditioned) ...
+        upper = _inverse_cholesky(h.to(w.dtype))
+    except torch.linalg.LinAlgError:  # ... and in float64 where float32 loses positive definiteness
+        upper = _inverse_cholesky(h).to(w.dtype)
     out = torch.zeros_like(w)
     for start in range(0, w.shape[2], block):
         end = min(start + block, w.shape[2])
