@@ -89,9 +89,11 @@ def scores(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None)
 
 
 def ptq(model, bits: int, groups: list[str], rounding: str, calib: torch.Tensor,
-        batch_num: int) -> tuple[torch.nn.Module, float]:
-    """PTQ with `bits` weights (the layers of `groups` at 8) and AMCT's nearest rounding or GPTQ + bias correction."""
-    rules = [Rule(weight={"num_bits": bits, "rounding": rounding, "bias_correction": rounding == "gptq"})]
+        batch_num: int, ada_iterations: int = 0) -> tuple[torch.nn.Module, float]:
+    """PTQ with `bits` weights (the layers of `groups` at 8) and AMCT's nearest rounding, or GPTQ or AdaRound
+    (`ada_iterations` steps per layer) + bias correction."""
+    weight = {"num_bits": bits, "rounding": rounding, "bias_correction": rounding != "nearest"}
+    rules = [Rule(weight=weight | ({"num_iteration": ada_iterations} if rounding == "adaround" else {}))]
     if groups and bits != 8:
         rules.append(Rule(group=tuple(groups), weight={"num_bits": 8}))
     config = amct.default_config(model, example(model), rules=rules, batch_num=batch_num)
@@ -204,6 +206,8 @@ def main() -> None:
                         help="blend each batch with its reverse, weight ~ Beta(ALPHA, ALPHA) (0: off)")
     parser.add_argument("--init-batches", type=int, default=2, help="batch_num: batches of IFMR initialisation")
     parser.add_argument("--calib-batches", type=int, default=8, help="PTQ: batches of 32 of calibration")
+    parser.add_argument("--ada-iterations", type=int, default=0, metavar="N",
+                        help="PTQ: also a row with AdaRound (ada_quantize), N Adam steps per layer (0: no row)")
     parser.add_argument("--init", choices=("ifmr", "ptq"), default="ptq",
                         help="QAT starts from the float weights with IFMR ranges, or from the PTQ (GPTQ) model")
     parser.add_argument("--world-size", type=int, default=1)
@@ -236,9 +240,12 @@ def main() -> None:
     for bits in [int(b) for b in args.bits.split(",")]:
         if not args.skip_ptq:
             calib, _ = tensors(images.subset(0, 32 * args.calib_batches))
-            for rounding, name in (("nearest", "ARQ"), ("gptq", "GPTQ")):
+            roundings = [("nearest", "ARQ"), ("gptq", "GPTQ")]
+            if args.ada_iterations:
+                roundings.append(("adaround", f"AdaRound {args.ada_iterations} it."))
+            for rounding, name in roundings:
                 qmodel, seconds = ptq(model, bits, args.int8, rounding, calib,
-                                      args.calib_batches)
+                                      args.calib_batches, args.ada_iterations)
                 rows.append((f"PTQ {label(bits, args.int8)} {name}",
                              scores(logits_of(qmodel, evaluation), labels, fp32), f"calib {seconds:.0f} s"))
                 print(rows[-1], flush=True)

@@ -66,11 +66,26 @@ def _act_json(p: ActQuantParams) -> dict:
 
 
 def _weight_json(p) -> dict:
-    out = {"num_bits": p.num_bits, "wts_algo": p.wts_algo, "channel_wise": p.channel_wise, "rounding": p.rounding,
-           "bias_correction": p.bias_correction}
+    adaround = p.rounding == "adaround"
+    out = {"num_bits": p.num_bits, "wts_algo": "ada_quantize" if adaround else p.wts_algo,
+           "channel_wise": p.channel_wise, "rounding": p.rounding, "bias_correction": p.bias_correction}
     if p.nuq:
         out.update(num_steps=p.num_steps, num_of_iteration=p.num_of_iteration, codebook=p.codebook)
+    if adaround:
+        out.update(num_iteration=p.num_iteration, reg_param=p.reg_param, beta_range=list(p.beta_range),
+                   warm_start=p.warm_start)
     return out
+
+
+def _weight_from_json(obj: dict) -> WeightQuantParams:
+    """AMCT's `wts_algo: "ada_quantize"` is ARQ's grid with AdaRound's rounding (openamct's `rounding:
+    "adaround"`, which NUQ layers may not combine with yet)."""
+    params = dict(obj) | ({"beta_range": tuple(obj["beta_range"])} if isinstance(obj.get("beta_range"), list) else {})
+    if params.get("wts_algo") == "ada_quantize":
+        check(params.get("rounding", "adaround") == "adaround", "weight_quant_params.rounding",
+              params.get("rounding"), "adaround (or no rounding) with wts_algo ada_quantize")
+        params.update(wts_algo="arq_quantize", rounding="adaround")
+    return WeightQuantParams(**params)
 
 
 def save_json(config: QuantConfig, path: str) -> None:
@@ -122,7 +137,7 @@ def _layer_from_json(obj: dict) -> LayerConfig:
     if "search_range" in act:
         act["search_range"] = tuple(act["search_range"])
     return LayerConfig(quant_enable=_flag(obj, "quant_enable"), activation=ActQuantParams(**act),
-                       weight=WeightQuantParams(**obj.get("weight_quant_params", {})))
+                       weight=_weight_from_json(obj.get("weight_quant_params", {})))
 
 
 def _retrain_layer_from_json(obj: dict) -> RetrainLayerConfig:
@@ -252,7 +267,11 @@ def _changes(cfg: calib_pb2.CalibrationConfig) -> dict:
     whole, nuq_quantize changes the NUQ fields of what is there."""
     changes = {}
     if cfg.HasField("ada_quantize"):
-        raise ConfigError("ada_quantize is not supported yet; use arq_quantize")
+        m = cfg.ada_quantize
+        changes["weight"] = WeightQuantParams(
+            rounding="adaround", channel_wise=m.channel_wise, num_iteration=m.num_iteration,
+            reg_param=round(m.reg_param, 6), beta_range=(round(m.beta_range_start, 6), round(m.beta_range_end, 6)),
+            warm_start=round(m.warm_start, 6))
     if cfg.HasField("dmq_balancer"):
         raise ConfigError(DMQ_REFUSED)
     if cfg.HasField("arq_quantize"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 ACT_ALGOS = ("ifmr", "hfmg")
 WTS_ALGOS = ("arq_quantize", "nuq_quantize")
 CODEBOOKS = ("layer", "channel", "auto")
-ROUNDINGS = ("nearest", "gptq")
+ROUNDINGS = ("nearest", "gptq", "adaround")
 HFMG_BINS = (1024, 2048, 4096, 8192)
 NUQ_TYPES = ("Conv2d", "Linear")
 LAYER_GROUPS = ("first", "depthwise")  # capture.layer_groups: the stem conv, the depthwise convs
@@ -94,8 +94,12 @@ class WeightQuantParams:
     num_steps: int = 32           # nuq_quantize: levels per codebook
     num_of_iteration: int = 4     # nuq_quantize: rounds of level refits alternating with GPTQ (algorithms/nuq.py)
     codebook: str = "auto"        # nuq_quantize: one codebook per "layer", per output "channel", or "auto"
-    rounding: str = "gptq"        # "nearest", or "gptq": weights chosen to minimise the output error
+    rounding: str = "gptq"        # "nearest"; "gptq" or "adaround": weights chosen to minimise the output error
     bias_correction: bool = True  # correct the output-mean shift that weight quantization leaves
+    num_iteration: int = 10000    # adaround (AMCT's ada_quantize): Adam steps per layer
+    reg_param: float = 0.01       # adaround: weight of the regulariser that drives each rounding to up or down
+    beta_range: tuple[float, float] = (20.0, 2.0)  # adaround: the regulariser's beta, annealed from start to end
+    warm_start: float = 0.2       # adaround: share of the iterations before the regulariser starts
 
     def __post_init__(self):
         check_types(self, "weight_quant_params")
@@ -109,6 +113,15 @@ class WeightQuantParams:
                   "weight_quant_params.num_of_iteration", self.num_of_iteration, "an integer >= 0")
             check(self.codebook in CODEBOOKS, "weight_quant_params.codebook", self.codebook, " or ".join(CODEBOOKS))
         check(self.rounding in ROUNDINGS, "weight_quant_params.rounding", self.rounding, " or ".join(ROUNDINGS))
+        if self.rounding == "adaround":
+            check(not self.nuq, "weight_quant_params.rounding", self.rounding,
+                  "nearest or gptq with nuq_quantize (AdaRound on NUQ codebooks is not available yet)")
+            check(self.num_iteration >= 1, "weight_quant_params.num_iteration", self.num_iteration, "an integer >= 1")
+            check(self.reg_param >= 0, "weight_quant_params.reg_param", self.reg_param, "a number >= 0")
+            start, end = self.beta_range
+            check(start >= end > 0, "weight_quant_params.beta_range", list(self.beta_range),
+                  "[start, end] with start >= end > 0")
+            check(0 <= self.warm_start < 1, "weight_quant_params.warm_start", self.warm_start, "a value in [0, 1)")
 
     @property
     def nuq(self) -> bool:

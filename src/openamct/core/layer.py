@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from . import log
 from .algorithms import gptq, nuq
+from .algorithms.adaround import adaround
 from .algorithms.bias_correction import correct_bias
 from .algorithms.scale_refit import refit_scales
 from .config import LayerConfig
@@ -41,12 +42,16 @@ def weight_pipeline(config: LayerConfig, layer: nn.Module, axis: int) -> tuple[s
     """The weight algorithms (WEIGHT_STEPS) a layer runs after calibration, in order:
     - nuq_codebook: NUQ levels of least output error for the nearest-rounded codes;
     - gptq: the weights chosen on the grid (and codebook) for least output error (Linear, Conv2d, depthwise);
+    - adaround: instead of gptq, each weight rounded up or down as learned against the output error (AMCT's
+      ada_quantize);
     - scale_refit: below 8 bits, each channel's scale refitted to GPTQ's codes (at 8 bits it does not pay);
     - nuq_level_refit: NUQ levels refitted to GPTQ's choice, alternating with GPTQ `num_of_iteration` times,
       keeping the best (not for depthwise convs: a channel has too few weights to refit levels from);
     - bias_correction: the output-mean shift of weight quantization removed from the bias."""
     params = config.weight
     steps = ["nuq_codebook"] if params.nuq else []
+    if params.rounding == "adaround" and gptq.supported(layer):
+        steps.append("adaround")
     if params.rounding == "gptq" and gptq.supported(layer):
         steps.append("gptq")
         if params.num_bits < 8:
@@ -62,8 +67,9 @@ class _WeightJob:
     """What the weight algorithms of one layer work on: the float weight, its quantizer, the calibration
     statistics, and `chosen`, the weights chosen so far (None: nearest rounding of the float weight)."""
 
-    def __init__(self, layer: nn.Module, quantizer: WeightQuantizer, pipeline: tuple, mean, power, hessian):
-        self.layer, self.quantizer, self.pipeline = layer, quantizer, pipeline
+    def __init__(self, name: str, layer: nn.Module, quantizer: WeightQuantizer, pipeline: tuple, mean, power,
+                 hessian):
+        self.name, self.layer, self.quantizer, self.pipeline = name, layer, quantizer, pipeline
         self.weight = layer.weight
         self.original = self.weight.detach().clone()
         self.mean, self.power, self.hessian = mean, power, hessian
@@ -140,6 +146,15 @@ def _gptq_together(jobs: list, progress) -> None:
             progress(len(batch))
 
 
+def _adaround(job: _WeightJob, progress=None) -> None:
+    """AdaRound, or nearest rounding (with the reason in `job.fallbacks`) on statistics that overflowed float32."""
+    if not torch.isfinite(job.hessian).all():
+        job.fallbacks.append("AdaRound skipped: the input statistics overflowed float32 (inputs beyond about "
+                             "1e19); its weights are rounded to nearest instead. Check the calibration data")
+        return
+    job.chosen = adaround(job.weight, job.hessian, job.quantizer, progress)
+
+
 def _scale_refit(job: _WeightJob) -> None:
     if job.chosen is not None:
         job.chosen = refit_scales(job.weight, job.chosen, job.metric(), job.quantizer)
@@ -174,9 +189,10 @@ def _bias_correction(job: _WeightJob) -> None:
     correct_bias(job.layer, job.quantizer(weight), job.original, job.per_weight(job.mean))
 
 
-WEIGHT_STEPS = {"nuq_codebook": _nuq_codebook, "gptq": _gptq, "scale_refit": _scale_refit,
+WEIGHT_STEPS = {"nuq_codebook": _nuq_codebook, "gptq": _gptq, "adaround": _adaround, "scale_refit": _scale_refit,
                 "nuq_level_refit": _nuq_level_refit, "bias_correction": _bias_correction}
 BATCH_BYTES = 2 ** 27  # float64 Hessian blocks of the layers GPTQ solves together
+HESSIAN_STEPS = {"gptq", "adaround"}  # the steps that read the layer's input Hessian
 
 
 def finish_weights(layers: list) -> None:
@@ -189,6 +205,17 @@ def finish_weights(layers: list) -> None:
             members = [job for _, job in jobs if step in job.pipeline]
             if step == "gptq":
                 _gptq_together(members, bar.update)
+                continue
+            if step == "adaround":
+                for job in members:
+                    with tqdm(total=job.quantizer.params.num_iteration, desc=f"AdaRound {job.name}",
+                              unit="it", leave=False, disable=None) as inner:
+                        def progress(loss, inner=inner):
+                            inner.update()
+                            if inner.n % 100 == 0:
+                                inner.set_postfix(loss=f"{loss:.4g}")
+                        _adaround(job, progress)
+                    bar.update()
                 continue
             for job in members:
                 run(job)
@@ -241,7 +268,7 @@ class QuantLayer(nn.Module):
         else:  # in place: a new sum each batch would be allocated above the batch's activations and fragment the heap
             self.input_moments += moments
         self._batches += 1
-        if "gptq" in self.pipeline:
+        if HESSIAN_STEPS & set(self.pipeline):
             if self._generator is None:  # the positions sampled for the Hessian: the same on every run
                 self._generator = torch.Generator().manual_seed(0)
             columns = self.layer.weight[0].numel()
@@ -262,7 +289,7 @@ class QuantLayer(nn.Module):
         mean, power = (self.input_moments / self._batches).to(self.layer.weight.device)
         hessian = self.hessian.div_(self._batches) if self.hessian is not None else None  # in place: no second copy
         self.input_moments = self.hessian = None
-        return _WeightJob(self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian)
+        return _WeightJob(self.name, self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian)
 
     def keep(self, job: _WeightJob) -> None:
         """The pipeline's chosen weights replace the float ones; a fallback is logged and kept for the report."""
@@ -278,9 +305,9 @@ class QuantLayer(nn.Module):
             xq = self.input_quantizer(x)
             weights = {"weight": self._quantized_weight()}
             if self.collects_statistics:
-                # only a conv's GPTQ statistics need its kernel's input: other layers skip the mode's per-op cost
-                kernel = gptq.KernelInput() if "gptq" in self.pipeline and not isinstance(self.layer, nn.Linear) \
-                    else None
+                # only a conv's Hessian needs its kernel's input: other layers skip the mode's per-op cost
+                reads_kernel = HESSIAN_STEPS & set(self.pipeline) and not isinstance(self.layer, nn.Linear)
+                kernel = gptq.KernelInput() if reads_kernel else None
                 with kernel or contextlib.nullcontext():
                     y = functional_call(self.layer, weights, (xq,))
                 self._observe(x, kernel.call if kernel else None)
