@@ -145,3 +145,17 @@ def test_cfg_beta_range_end_above_start_names_the_line(tmp_path):
 def test_adaround_with_nuq_codebooks_is_refused_until_it_exists():
     with pytest.raises(ConfigError, match="AdaRound on NUQ codebooks"):
         WeightQuantParams(wts_algo="nuq_quantize", rounding="adaround")
+
+
+@pytest.mark.parametrize("bits, rounding, runs_on_float", [
+    (4, "gptq", True), (4, "adaround", True), (4, "nearest", False), (8, "gptq", False)])
+def test_calibration_runs_on_float_weights_only_below_8_bits_where_they_will_be_chosen(bits, rounding,
+                                                                                        runs_on_float):
+    """Below 8 bits nearest rounding breaks the network that the later layers' statistics are gathered from,
+    while GPTQ and AdaRound will choose weights close to the float ones: those are the better guess there."""
+    model, x = convnet(), ConvNet.example_input(4)
+    config = amct.default_config(model, x, rules=[amct.Rule(weight={"num_bits": bits, "rounding": rounding})])
+    qmodel = amct.prepare(model, config, x)
+    with torch.no_grad():
+        calibrating, reference = qmodel(x), model.eval()(x)  # activations pass through while observed
+    assert torch.allclose(calibrating, reference, atol=1e-4) == runs_on_float

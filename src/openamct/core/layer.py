@@ -44,16 +44,14 @@ def weight_pipeline(config: LayerConfig, layer: nn.Module, axis: int) -> tuple[s
     - gptq: the weights chosen on the grid (and codebook) for least output error (Linear, Conv2d, depthwise);
     - adaround: instead of gptq, each weight rounded up or down as learned against the output error (AMCT's
       ada_quantize);
-    - scale_refit: below 8 bits, each channel's scale refitted to GPTQ's codes (at 8 bits it does not pay);
+    - scale_refit: below 8 bits, each channel's scale refitted to the chosen codes (at 8 bits it does not pay);
     - nuq_level_refit: NUQ levels refitted to GPTQ's choice, alternating with GPTQ `num_of_iteration` times,
       keeping the best (not for depthwise convs: a channel has too few weights to refit levels from);
     - bias_correction: the output-mean shift of weight quantization removed from the bias."""
     params = config.weight
     steps = ["nuq_codebook"] if params.nuq else []
-    if params.rounding == "adaround" and gptq.supported(layer):
-        steps.append("adaround")
-    if params.rounding == "gptq" and gptq.supported(layer):
-        steps.append("gptq")
+    if params.rounding in ("gptq", "adaround") and gptq.supported(layer):
+        steps.append(params.rounding)
         if params.num_bits < 8:
             steps.append("scale_refit")
         if params.nuq and params.num_of_iteration and not gptq.is_depthwise(layer):
@@ -303,7 +301,7 @@ class QuantLayer(nn.Module):
     def forward(self, x):
         if not self.input_quantizer.calibrated:
             xq = self.input_quantizer(x)
-            weights = {"weight": self._quantized_weight()}
+            weights = {"weight": self._calibration_weight()}
             if self.collects_statistics:
                 # only a conv's Hessian needs its kernel's input: other layers skip the mode's per-op cost
                 reads_kernel = HESSIAN_STEPS & set(self.pipeline) and not isinstance(self.layer, nn.Linear)
@@ -316,6 +314,16 @@ class QuantLayer(nn.Module):
         else:
             y = self._integer_forward(self.input_quantizer(x))
         return self.output_quantizer(y) if self.output_quantizer is not None else y
+
+    def _calibration_weight(self) -> torch.Tensor:
+        """The weight the calibration forward runs with: the best guess of the deployed one, so that the layers
+        after it see the inputs they will see deployed. That is the fake-quantized weight, except below 8 bits
+        where GPTQ or AdaRound will move the weights far from nearest rounding (which breaks a 4-bit network):
+        there the float weight is the closer guess."""
+        if self.collects_statistics and HESSIAN_STEPS & set(self.pipeline) and \
+                self.weight_quantizer.params.num_bits < 8:
+            return self.layer.weight
+        return self._quantized_weight()
 
     def _quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight; without gradients (PTQ calibration), computed once while the weight is
