@@ -77,10 +77,13 @@ def _weight_json(p) -> dict:
     return out
 
 
+def _tuples(params) -> dict:  # JSON parameters with their lists as tuples, the ranges' type (search_range, ...)
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in dict(params).items()}
+
+
 def _weight_from_json(obj: dict) -> WeightQuantParams:
-    """AMCT's `wts_algo: "ada_quantize"` is ARQ's grid with AdaRound's rounding (openamct's `rounding:
-    "adaround"`, which NUQ layers may not combine with yet)."""
-    params = dict(obj) | ({"beta_range": tuple(obj["beta_range"])} if isinstance(obj.get("beta_range"), list) else {})
+    """AMCT's `wts_algo: "ada_quantize"`: ARQ's grid with `rounding: "adaround"` (not yet with NUQ)."""
+    params = _tuples(obj)
     if params.get("wts_algo") == "ada_quantize":
         check(params.get("rounding", "adaround") == "adaround", "weight_quant_params.rounding",
               params.get("rounding"), "adaround (or no rounding) with wts_algo ada_quantize")
@@ -133,10 +136,8 @@ def _fields(obj: dict, known: tuple, where: str) -> None:
 
 def _layer_from_json(obj: dict) -> LayerConfig:
     _fields(obj, ("quant_enable", "activation_quant_params", "weight_quant_params"), "layer entry")
-    act = dict(obj.get("activation_quant_params", {}))
-    if "search_range" in act:
-        act["search_range"] = tuple(act["search_range"])
-    return LayerConfig(quant_enable=_flag(obj, "quant_enable"), activation=ActQuantParams(**act),
+    return LayerConfig(quant_enable=_flag(obj, "quant_enable"),
+                       activation=ActQuantParams(**_tuples(obj.get("activation_quant_params", {}))),
                        weight=_weight_from_json(obj.get("weight_quant_params", {})))
 
 

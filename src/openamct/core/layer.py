@@ -144,13 +144,19 @@ def _gptq_together(jobs: list, progress) -> None:
             progress(len(batch))
 
 
-def _adaround(job: _WeightJob, progress=None) -> None:
-    """AdaRound, or nearest rounding (with the reason in `job.fallbacks`) on statistics that overflowed float32."""
+def _adaround(job: _WeightJob) -> None:
+    """AdaRound, with a progress bar of its steps, or nearest rounding (with the reason in `job.fallbacks`) on
+    statistics that overflowed float32."""
     if not torch.isfinite(job.hessian).all():
         job.fallbacks.append("AdaRound skipped: the input statistics overflowed float32 (inputs beyond about "
                              "1e19); its weights are rounded to nearest instead. Check the calibration data")
         return
-    job.chosen = adaround(job.weight, job.hessian, job.quantizer, progress)
+    with tqdm(total=job.quantizer.params.num_iteration, desc=f"AdaRound {job.name}", unit="it", leave=False,
+              disable=None) as bar:
+        def progress(steps, loss):
+            bar.update(steps)
+            bar.set_postfix(loss=f"{loss:.4g}")
+        job.chosen = adaround(job.weight, job.hessian, job.quantizer, progress)
 
 
 def _scale_refit(job: _WeightJob) -> None:
@@ -203,17 +209,6 @@ def finish_weights(layers: list) -> None:
             members = [job for _, job in jobs if step in job.pipeline]
             if step == "gptq":
                 _gptq_together(members, bar.update)
-                continue
-            if step == "adaround":
-                for job in members:
-                    with tqdm(total=job.quantizer.params.num_iteration, desc=f"AdaRound {job.name}",
-                              unit="it", leave=False, disable=None) as inner:
-                        def progress(loss, inner=inner):
-                            inner.update()
-                            if inner.n % 100 == 0:
-                                inner.set_postfix(loss=f"{loss:.4g}")
-                        _adaround(job, progress)
-                    bar.update()
                 continue
             for job in members:
                 run(job)

@@ -19,6 +19,7 @@ from ..primitives import qrange
 from .gptq import _extremes, column_groups
 
 GAMMA, ZETA = -0.1, 1.1  # the rectified sigmoid's stretch (the paper's values)
+REPORT_EVERY = 100  # steps between loss reports: the loss is not needed for the steps themselves
 LEARNING_RATE = 1e-2  # Adam on V: the paper's 1e-3 needs its 10^4 iterations; 1e-2 gets as far in 2 000
 
 
@@ -55,7 +56,8 @@ def learn_rounding(w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, 
                    progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(the learned soft rounding h(V) of each weight of `w` ([out, K]) on the grid `scale` ([out or 1, 1]), the
     final codes): AdaRound with the quantizer params' num_iteration, reg_param, beta_range and warm_start; the
-    `kept` weights are rounded to nearest. `progress(loss)` is told each iteration's loss."""
+    `kept` weights are rounded to nearest. `progress(steps, loss)` is told every REPORT_EVERY steps how many were
+    done and the loss of the last."""
     qmin, qmax = qrange(params.num_bits)
     scaled = w / scale
     base = torch.floor(scaled)
@@ -68,24 +70,28 @@ def learn_rounding(w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, 
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_()
     v.grad = torch.zeros_like(v)  # set by hand each step: the gradient is analytic (no autograd graph)
     optimizer = torch.optim.Adam([v], lr=LEARNING_RATE)
+    reported = 0
     for step in range(params.num_iteration):
         soft, slope = _soft(v.detach())
         codes = base + soft
         free = (codes >= qmin) & (codes <= qmax) & ~kept
         delta = torch.where(kept, nearest, codes.clamp(qmin, qmax)) * scale - w
         product = _product(delta, hessian)
-        loss = float((product * delta).sum())
         grad = 2 * product * scale * free * slope  # d tr(D H D^T) / dV, H symmetric
         beta = beta_at(step, params)
         if beta is not None:
             centred = 2 * soft - 1
             magnitude = centred.abs()
-            loss += params.reg_param * float((1 - magnitude ** beta).sum())
             grad -= params.reg_param * beta * magnitude ** (beta - 1) * torch.sign(centred) * 2 * slope
         v.grad.copy_(grad)
         optimizer.step()
-        if progress is not None:
-            progress(loss)
+        done = step + 1
+        if progress is not None and (done % REPORT_EVERY == 0 or done == params.num_iteration):
+            loss = float((product * delta).sum())
+            if beta is not None:
+                loss += params.reg_param * float((1 - magnitude ** beta).sum())
+            progress(done - reported, loss)
+            reported = done
     soft = _soft(v.detach())[0]
     return soft, torch.where(kept, nearest, torch.clamp(base + (soft >= 0.5).to(w), qmin, qmax))
 
