@@ -2,8 +2,14 @@
 
 Run by hand (not in CI), e.g. ``python benchmarks/ptq.py --out /tmp/ptqbench``.  Calibrates on the first
 ``--calib`` images (``--batch-num`` batches), evaluates on the first ``--eval``, and prints/writes one table:
-accuracy (also on the images calibration did not see) and top-1 agreement of every model, calibration time and peak
-RSS, ORT latency and integer-op counts.
+accuracy (also on the images calibration did not see) and top-1 agreement of every model, the time and peak RSS of
+quantization (openamct: quantize_model, the calibration batches and save_model, whose weight algorithms, block
+reconstruction, export and parity check run there; ORT: quantize_static), ORT latency and integer-op counts.
+Low-bit rows: ``--algos w4-gptq,w4-adaround,w4-block,w4dw8-block,w8-block`` runs IFMR activations with W4 weights
+on every layer (``w4``), W4 with the stem and depthwise convs at W8 (``w4dw8``) or W8 (``w8``), and GPTQ (the
+default), AdaRound (``ada_quantize``, ``--ada-iterations`` steps per layer) or block reconstruction after GPTQ
+(``block_reconstruction``, ``--block-iterations`` steps per block), each set in the JSON config as a user would.
+Every openamct row gets its top-1 gap to FP32 on the images calibration did not see, with its paired standard error.
 ``--nuq 16,32`` adds one run per num_steps N ("nuqN": IFMR activations, NUQ weights on the layers the size rule
 picks, the rest uniform INT8), a table of their weight bytes from save_model's report, and one of their top-1 gap
 to W8A8 (IFMR) with its standard error, paired over the same images.
@@ -17,6 +23,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import threading
@@ -43,6 +50,7 @@ import openamct as amct  # noqa: E402
 from openamct.app.data import Accuracy, ImageLoader, LabelledImages, top1_gap  # noqa: E402
 from openamct.app.evaluation import OnnxPredictor, TorchPredictor, logits  # noqa: E402
 from openamct.app.models import MODELS  # noqa: E402
+from openamct.core.capture import capture, group_members  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 IO = dict(input_names=["input"], output_names=["output"],
@@ -95,9 +103,30 @@ def agree(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- openamct calibration (in a child process)
 
-def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n_eval: int, work: str) -> None:
+LOW_BIT = re.compile(r"(w4|w4dw8|w8)-(gptq|adaround|block)$")
+
+
+def low_bit_config(path: str, algo: str, model, x0, iterations: dict) -> None:
+    """Edit create_quant_config's JSON for a LOW_BIT `algo`, as a user would: weight bits per layer, AMCT's
+    ada_quantize, or openamct's block_reconstruction object."""
+    weights, method = LOW_BIT.match(algo).groups()
+    eight = set(group_members(capture(model, x0), ["first", "depthwise"])) if weights == "w4dw8" else set()
+    config = json.loads(Path(path).read_text())
+    for name, layer in config.items():
+        if isinstance(layer, dict) and "weight_quant_params" in layer:
+            params = layer["weight_quant_params"]
+            params["num_bits"] = 8 if weights == "w8" or name in eight else 4
+            if method == "adaround":
+                params.update(wts_algo="ada_quantize", rounding="adaround", num_iteration=iterations["adaround"])
+    if method == "block":
+        config["block_reconstruction"] = {"num_iteration": iterations["block"]}
+    Path(path).write_text(json.dumps(config, indent=4))
+
+
+def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n_eval: int, work: str,
+                    iterations: dict) -> None:
     """Child body: config, quantize_model + batch_num batches (timed), save_model, PyTorch-simulation logits.
-    `algo` is "ifmr", "hfmg" or "nuqN" (NUQ weights with num_steps N)."""
+    `algo` is "ifmr", "hfmg", "nuqN" (NUQ weights with num_steps N) or a LOW_BIT name."""
     torch.set_num_threads(2)
     os.environ.setdefault("AMCT_LOG_LEVEL", "warning")  # console; amct_log/ in `work` keeps info
     os.chdir(work)
@@ -114,6 +143,8 @@ def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n
         Path(cfg).write_text(NUQ_CFG.format(n=batch_num, steps=int(algo[3:])))
     t0 = time.perf_counter()
     amct.create_quant_config("config.json", model, x0, batch_num=batch_num, config_defination=cfg)
+    if LOW_BIT.match(algo):
+        low_bit_config("config.json", algo, model, x0, iterations)
     t1 = time.perf_counter()
     qmodel = amct.quantize_model("config.json", "modified_model.onnx", "record.txt", model, x0, **IO)
     step = n_calib // batch_num
@@ -139,7 +170,8 @@ def run_calibration(algo: str, images_path: str, args, out: Path) -> dict:
     work = out / algo
     work.mkdir(parents=True, exist_ok=True)
     proc = mp.get_context("spawn").Process(
-        target=calibrate_child, args=(algo, images_path, args.calib, args.batch_num, args.eval, str(work)))
+        target=calibrate_child, args=(algo, images_path, args.calib, args.batch_num, args.eval, str(work),
+                                      {"adaround": args.ada_iterations, "block": args.block_iterations}))
     t0 = time.perf_counter()
     proc.start()
     proc.join()
@@ -184,11 +216,12 @@ def fmt(v, spec=".1f"):
 
 
 def markdown(results: dict) -> str:
-    cols = ["model", "top-1 %", "top-1 % not calib.", "top-5 %", "agree FP32 %", "agree sim %", "calib/quant s",
-            "peak RSS MB", "base RSS MB"]
+    cols = ["model", "top-1 %", "top-1 % not calib.", "gap to FP32 not calib. (s.e.)", "top-5 %", "agree FP32 %",
+            "agree sim %", "quantize s", "peak RSS MB", "base RSS MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in results["rows"].items():
-        cells = [name, fmt(r.get("top1")), fmt(r.get("top1_held")), fmt(r.get("top5")), fmt(r.get("agree_fp32")),
+        gap = f"{r['gap_held']['gap']:+.2f} ({r['gap_held']['se']:.2f})" if "gap_held" in r else ""
+        cells = [name, fmt(r.get("top1")), fmt(r.get("top1_held")), gap, fmt(r.get("top5")), fmt(r.get("agree_fp32")),
                  fmt(r.get("agree_sim")), fmt(r.get("seconds")), fmt(r.get("peak_rss_mb"), ".0f"),
                  fmt(r.get("base_rss_mb"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -234,6 +267,8 @@ def main():
     p.add_argument("--eval", type=int, default=800)
     p.add_argument("--algos", default="ifmr,hfmg")
     p.add_argument("--nuq", default="", help="comma list of NUQ num_steps, e.g. 16,32: one NUQ run each")
+    p.add_argument("--ada-iterations", type=int, default=2000, help="AdaRound steps per layer (*-adaround rows)")
+    p.add_argument("--block-iterations", type=int, default=300, help="steps per block (*-block rows)")
     p.add_argument("--ort-methods", default="MinMax,Percentile")
     p.add_argument("--rounds", type=int, default=7, help="latency rounds (after 2 warm-up rounds)")
     p.add_argument("--out", type=Path, default=Path("/tmp/ptqbench"))
@@ -271,9 +306,12 @@ def main():
         print(f"calibrating openamct {algo} ...", flush=True)
         c = run_calibration(algo, images_path, args, out)
         sim = np.load(out / algo / "sim_logits.npy")
+        part = held_out(held_from, len(ev_y)) or slice(None)
         rows[f"{algo.upper()} PyTorch sim"] = {
             **scores(sim, ev_y, {"fp32": ref["fp32"]}, held_from),
-            "seconds": c["calib_s"], "peak_rss_mb": c["peak_rss_mb"], "base_rss_mb": c["base_rss_mb"], "calib": c}
+            "gap_held": top1_gap(sim[part], ref["fp32"][part], ev_y[part]),
+            "seconds": c["calib_s"] + c["save_s"], "peak_rss_mb": max(c["peak_rss_mb"], c["save_peak_rss_mb"]),
+            "base_rss_mb": c["base_rss_mb"], "calib": c}
         for kind in ("fake_quant", "deploy"):
             rows[f"{algo.upper()} {kind} ONNX (ORT)"] = evaluate(
                 ort_session(c["paths"][kind]), ev_x, ev_y, {**ref, "sim": sim}, held_from)
@@ -282,8 +320,9 @@ def main():
             total = c["weight_bytes"]["total"]
             weights[algo.upper()] = {**total, "packed_over_int8": total["nuq_packed"] / total["int8"],
                                      "nuq_layers": c["nuq_layers"], "layers": len(c["weight_bytes"]["layers"])}
-        notes.append(f"{algo}: create_quant_config {c['config_s']:.1f} s; save_model {c['save_s']:.1f} s, peak RSS "
-                     f"through save_model {c['save_peak_rss_mb']:.0f} MB (the table's peak is through calibration)")
+        notes.append(f"{algo}: create_quant_config {c['config_s']:.1f} s; calibration batches {c['calib_s']:.1f} s, "
+                     f"peak RSS {c['peak_rss_mb']:.0f} MB; save_model {c['save_s']:.1f} s, peak RSS "
+                     f"{c['save_peak_rss_mb']:.0f} MB")
         for kind, par in (c["parity"] or {}).items():
             if not par["ok"]:
                 notes.append(f"{algo} {kind}: save_model parity NOT ok: {par}")

@@ -61,6 +61,53 @@ class ExoticNet(nn.Module):
         return torch.randn(batch, 128)
 
 
+class Residual(nn.Module):
+    """conv-BN-ReLU, conv-BN, plus the input, ReLU: a block that only looks at nearby pixels."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class SqueezeExcite(nn.Module):
+    """A 1x1 conv scaled per channel by two linear layers on the global mean: a block that sees the whole map."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.squeeze, self.excite = nn.Linear(channels, 4), nn.Linear(4, channels)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3))))))
+        return torch.relu(self.conv(x)) * gate[:, :, None, None]
+
+
+class BlockNet(nn.Module):
+    """A stem, two residual blocks and a squeeze-excite block in a Sequential, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(Residual(16), Residual(16), SqueezeExcite(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+    @staticmethod
+    def example_input(batch=1):
+        return torch.randn(batch, 3, 32, 32)
+
+
+def blocknet() -> BlockNet:
+    torch.manual_seed(0)
+    return _randomize_bn(BlockNet())
+
+
 def convnet() -> ConvNet:
     torch.manual_seed(0)
     return _randomize_bn(ConvNet())

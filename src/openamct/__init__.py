@@ -24,6 +24,7 @@ from .core.config import (
                    ConfigError,
                    LayerConfig,
                    QuantConfig,
+                   ReconstructionParams,
                    Rule,
                    WeightQuantParams,
                    stem_depthwise_int8,
@@ -33,5 +34,6 @@ from .onnx_export import export
 __all__ = ["create_quant_config", "quantize_model", "save_model", "create_quant_retrain_config",
            "create_quant_retrain_model", "restore_quant_retrain_model", "save_quant_retrain_model", "quantize",
            "prepare", "calibrate", "convert", "export", "default_config", "Rule", "stem_depthwise_int8",
-           "QuantConfig", "LayerConfig", "ActQuantParams", "WeightQuantParams", "ConfigError"]
+           "QuantConfig", "LayerConfig", "ActQuantParams", "WeightQuantParams", "ReconstructionParams",
+           "ConfigError"]
 __version__ = "0.1.0"

@@ -21,9 +21,9 @@ from ..core.simulation import DATA_PARALLEL_UNSUPPORTED
 from ..onnx_export import export, write_models
 from ..onnx_export.fused import fused_model, read_fused
 from . import amct_log
+from .atc_mapping import flagged_names
 from .config_files import (
     config_from_cfg,
-    flagged_names,
     load_json,
     load_retrain_json,
     parse_cfg,

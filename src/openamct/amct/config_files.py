@@ -4,10 +4,11 @@
   QAT form (create_quant_retrain_config, create_quant_retrain_model);
 - simple config `.cfg` (protobuf text of `proto/calibration_config_pytorch.proto` / `retrain_config_pytorch.proto`,
   spec 3.3/3.4), priority layer > type > common, turned into ordered core rules;
-- the ATC mapping file a `.cfg`'s `nuq_config` may name.
+- openamct's `block_reconstruction` object in the JSON (core/reconstruction.py), which the `.cfg` does not have.
 
 Errors name the file, the line and the field at fault. Fields openamct cannot honour are refused, never ignored.
 """
+import dataclasses
 import json
 import re
 
@@ -18,6 +19,7 @@ from ..core.config import (
     ConfigError,
     LayerConfig,
     QuantConfig,
+    ReconstructionParams,
     RetrainConfig,
     RetrainDataParams,
     RetrainLayerConfig,
@@ -94,6 +96,9 @@ def _weight_from_json(obj: dict) -> WeightQuantParams:
 def save_json(config: QuantConfig, path: str) -> None:
     out = {"version": VERSION, "batch_num": config.batch_num, "activation_offset": config.activation_offset,
            "do_fusion": config.do_fusion, "skip_fusion_layers": list(config.skip_fusion_layers)}
+    if config.reconstruction is not None:
+        out["block_reconstruction"] = {k: list(v) if isinstance(v, tuple) else v
+                                       for k, v in dataclasses.asdict(config.reconstruction).items()}
     out.update({name: {"quant_enable": layer.quant_enable, "activation_quant_params": _act_json(layer.activation),
                        "weight_quant_params": _weight_json(layer.weight)} for name, layer in config.layers.items()})
     write_text(path, json.dumps(out, indent=4) + "\n")
@@ -132,6 +137,14 @@ def _fields(obj: dict, known: tuple, where: str) -> None:
             raise ConfigError(f"{where}: {DMQ_REFUSED}")
         if key not in known:
             raise ConfigError(f"{where}: unknown field '{key}' (expected {', '.join(known)})")
+
+
+def _reconstruction_from_json(value) -> ReconstructionParams | None:
+    if value is None:
+        return None
+    check(isinstance(value, dict), "block_reconstruction", value, "an object of reconstruction fields")
+    _fields(value, tuple(f.name for f in dataclasses.fields(ReconstructionParams)), "field 'block_reconstruction'")
+    return ReconstructionParams(**_tuples(value))
 
 
 def _layer_from_json(obj: dict) -> LayerConfig:
@@ -189,12 +202,14 @@ def _read_json(path: str, parse_layer, global_keys, known_layers) -> tuple[str, 
 
 def load_json(path: str, known_layers=None) -> QuantConfig:
     """Read a per-layer JSON config (create_quant_config's); errors carry `path:line`."""
-    keys = {"version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "fakequant_precision_mode"}
+    keys = {"version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "fakequant_precision_mode",
+            "block_reconstruction"}
     text, data, layers = _read_json(path, _layer_from_json, keys, known_layers)
     try:
         return QuantConfig(layers=layers, batch_num=data.get("batch_num", 1),
                            activation_offset=_flag(data, "activation_offset"), do_fusion=_flag(data, "do_fusion"),
-                           skip_fusion_layers=_names(data, "skip_fusion_layers"))
+                           skip_fusion_layers=_names(data, "skip_fusion_layers"),
+                           reconstruction=_reconstruction_from_json(data.get("block_reconstruction")))
     except ConfigError as e:
         raise ConfigError(f"{path}:{_field_line(text, e)}: {e}") from None
 
@@ -379,22 +394,3 @@ def retrain_config_from_cfg(path: str, layer_types: dict) -> RetrainConfig:
         rules.append(Rule(tuple(skipped), retrain_enable=False))
     layers = apply_rules(RetrainLayerConfig(), rules, layer_types, {})
     return at("batch_num", lambda: RetrainConfig(layers=layers, batch_num=message.batch_num))
-
-
-def flagged_names(mapping_file: str) -> set:
-    """Names of the ops an ATC JSON dump marks `_fe_weight_compress`, with their original ONNX node names."""
-    try:
-        with open(mapping_file, encoding="utf-8") as f:
-            dump = json.load(f)
-        ops = [op for graph in dump["graph"] for op in graph["op"]]
-    except FileNotFoundError:
-        raise ValueError(f"{mapping_file}: mapping file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{mapping_file}: not an ATC JSON dump of a model (expected graph[].op[] entries)") from None
-    names = set()
-    for op in ops:
-        attrs = {a.get("key"): a.get("value", {}) for a in op.get("attr", [])}
-        if attrs.get("_fe_weight_compress", {}).get("b"):
-            names.add(op.get("name", ""))
-            names.update(attrs.get("_datadump_original_op_names", {}).get("list", {}).get("s", []))
-    return names

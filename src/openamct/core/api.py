@@ -17,22 +17,33 @@ from tqdm import tqdm
 
 from . import log
 from .capture import ModelInfo, capture, check_finite, fold_bn, fusions, layer_groups, set_module, weight_axis
-from .config import LayerConfig, QuantConfig, Rule, apply_rules, check_names, check_nuq_types
+from .config import (
+    LayerConfig,
+    QuantConfig,
+    ReconstructionParams,
+    Rule,
+    apply_rules,
+    check_names,
+    check_nuq_types,
+)
 from .layer import QuantLayer, finish_weights
 from .quantizers import ActQuantizer
+from .reconstruction import Recorder, float_parameters, reconstruct
 from .simulation import enter_simulation, exit_simulation
 
 
 def default_config(model: nn.Module, input_data, *, rules=(), skip_layers=(), batch_num: int = 1,
-                   activation_offset: bool = True) -> QuantConfig:
+                   activation_offset: bool = True, reconstruction: ReconstructionParams | None = None) -> QuantConfig:
     """W8A8 (per-channel ARQ weights with GPTQ and bias correction, IFMR activations) on every quantizable layer,
-    changed by `rules` (config.Rule, in order, later ones winning); `skip_layers` stay float."""
+    changed by `rules` (config.Rule, in order, later ones winning); `skip_layers` stay float; `reconstruction`:
+    block reconstruction after calibration (core/reconstruction.py)."""
     info = capture(model, input_data)
     check_names(skip_layers, info.layers, "skip_layers entry")
     rules = tuple(rules) + tuple(Rule(name, quant_enable=False) for name in skip_layers)
     layers = apply_rules(LayerConfig(), rules, info.layers, layer_groups(info))
     check_nuq_types(layers, info.layers)
-    return QuantConfig(layers=layers, batch_num=batch_num, activation_offset=activation_offset)
+    return QuantConfig(layers=layers, batch_num=batch_num, activation_offset=activation_offset,
+                       reconstruction=reconstruction)
 
 
 def quant_layers(model: nn.Module) -> dict:
@@ -91,6 +102,10 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
         qmodel.to(parameter.device)  # the new quantizer buffers follow the model
     qmodel.register_forward_pre_hook(enter_simulation)
     qmodel.register_forward_hook(exit_simulation, always_call=True)
+    if config.reconstruction is not None:  # the calibration batches, kept for block reconstruction in convert
+        recorder = Recorder(config.reconstruction, config.batch_num)
+        recorder.handle = qmodel.register_forward_pre_hook(recorder, with_kwargs=True)
+        qmodel.block_reconstruction = recorder
     _log_coverage(qmodel, config, info)
     return qmodel
 
@@ -140,8 +155,13 @@ def calibrate(qmodel: nn.Module, calibrate_fn) -> nn.Module:
 
 
 def convert(qmodel: nn.Module) -> nn.Module:
-    """Compute every layer's quantization parameters from the statistics; the model becomes the simulation."""
+    """Compute every layer's quantization parameters from the statistics; the model becomes the simulation. Where
+    the config asks for block reconstruction, it follows, on the calibration batches recorded meanwhile."""
     layers = quant_layers(qmodel)
+    recorder = qmodel.__dict__.pop("block_reconstruction", None)
+    if recorder is not None:
+        recorder.handle.remove()
+        floats = float_parameters(layers)
     for name, layer in tqdm(layers.items(), desc="activation ranges", unit="layer", leave=False,
                             disable=len(layers) < 8):
         for quantizer in (layer.input_quantizer, layer.output_quantizer):
@@ -150,6 +170,8 @@ def convert(qmodel: nn.Module) -> nn.Module:
                          quantizer.params.act_algo.upper())
                 quantizer.finish()
     finish_weights(list(layers.values()))
+    if recorder is not None:
+        reconstruct(qmodel, layers, floats, recorder)
     return qmodel
 
 

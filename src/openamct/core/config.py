@@ -136,13 +136,43 @@ class LayerConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructionParams:
+    """Block reconstruction (an openamct extension, core/reconstruction.py): after calibration, each block's output
+    matched to the float model's over its layers' roundings and its activations' step sizes."""
+    blocks: tuple = ()            # module names of the blocks, in any order; () = the automatic rule
+    num_iteration: int = 300      # Adam steps per block (fewer where every rounding has settled)
+    batch_size: int = 16          # cached calibration samples per step
+    drop_prob: float = 0.5        # QDrop: share of activation values left unquantized in each step
+    reg_param: float = 0.01       # as AdaRound's: weight of the regulariser that drives each rounding to up or down
+    beta_range: tuple[float, float] = (20.0, 2.0)
+    warm_start: float = 0.2
+    seed: int = 0                 # the samples and QDrop masks drawn: a seed makes runs repeatable
+
+    def __post_init__(self):
+        check(isinstance(self.blocks, (tuple, list)) and all(isinstance(b, str) and b for b in self.blocks),
+              "block_reconstruction.blocks", self.blocks, "a list of module names")
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        check_types(self, "block_reconstruction")
+        check(self.num_iteration >= 1, "block_reconstruction.num_iteration", self.num_iteration, "an integer >= 1")
+        check(self.batch_size >= 1, "block_reconstruction.batch_size", self.batch_size, "an integer >= 1")
+        check(0 <= self.drop_prob < 1, "block_reconstruction.drop_prob", self.drop_prob, "a value in [0, 1)")
+        check(self.reg_param >= 0, "block_reconstruction.reg_param", self.reg_param, "a number >= 0")
+        start, end = self.beta_range
+        check(start >= end > 0, "block_reconstruction.beta_range", list(self.beta_range),
+              "[start, end] with start >= end > 0")
+        check(0 <= self.warm_start < 1, "block_reconstruction.warm_start", self.warm_start, "a value in [0, 1)")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize and how: global options plus one LayerConfig per quantizable layer name."""
+    """What to quantize and how: global options plus one LayerConfig per quantizable layer name;
+    `reconstruction` (None: off) reconstructs blocks after calibration."""
     layers: dict = field(default_factory=dict)
     batch_num: int = 1
     activation_offset: bool = True
     do_fusion: bool = True
     skip_fusion_layers: tuple = ()
+    reconstruction: ReconstructionParams | None = None
 
     def __post_init__(self):
         check(isinstance(self.batch_num, int) and self.batch_num > 0, "batch_num", self.batch_num, "an integer > 0")

@@ -240,6 +240,7 @@ class QuantLayer(nn.Module):
         self._batches = 0
         self._generator = None
         self._weight_cache = None  # (weight's storage and version, its fake-quantized value)
+        self.override = None  # replaces forward while block reconstruction runs (core/reconstruction.py)
 
     def __getattr__(self, name):
         """Attributes the wrapped layer has (in_features, stride, ...) read through, so model code that uses them
@@ -294,6 +295,8 @@ class QuantLayer(nn.Module):
                 self.layer.weight.copy_(job.chosen)
 
     def forward(self, x):
+        if self.override is not None:
+            return self.override(x)
         if not self.input_quantizer.calibrated:
             xq = self.input_quantizer(x)
             weights = {"weight": self._calibration_weight()}

@@ -12,6 +12,7 @@ integer runtimes do (ONNX Runtime's QLinearConv): the deployed integers then equ
 differing by one in the rare values that the two float roundings of dequantize-then-quantize put on the other
 side of a rounding boundary (differences that grow through a deep network).
 """
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, replace
@@ -132,6 +133,19 @@ def exit_simulation(module, args, output):
         mode = _ACTIVE.pop()
         if mode is not None:
             mode.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def simulating():
+    """Quantized values flow to every consumer of a tensor for code run inside, as in a forward of the whole
+    simulation model (block reconstruction runs one block at a time)."""
+    mode = QuantizedValues()
+    _ACTIVE.append(mode)
+    try:
+        with mode:
+            yield
+    finally:
+        _ACTIVE.pop()
 
 
 def shared_quantized(x: torch.Tensor, quantize_fn) -> torch.Tensor:
