@@ -11,9 +11,11 @@ For each block:
 - its input is cached over the calibration batches (which the calibration model records when reconstruction is
   configured) twice: from the float model (every quantized layer on its float weights, no quantizers) and from the
   quantized model, whose earlier blocks are already reconstructed. The float block's output is the target;
-- each weight gets AdaRound's soft rounding h(V) between the two grid levels around its float value, started near
-  the rounding the layer's weight algorithm chose (GPTQ's by default), so fewer steps are needed than from the
-  fractional part; each activation quantizer of the block learns its step size (LSQ's straight-through gradient);
+- each weight gets AdaRound's soft rounding h(V) between the two levels around its float value (grid levels, or
+  the NUQ codebook's), started near the rounding the layer's weight algorithm chose (GPTQ's by default): from the
+  paper's start, the fractional part, 300 steps left the first blocks worse than GPTQ had. Each activation
+  quantizer of the block learns its step size (LSQ's straight-through gradient);
+- a block that only looks at nearby pixels learns on windows of its maps (_Windows);
 - each Adam step runs the block on `batch_size` cached samples. QDrop: each element of the block's input is the
   float or the quantized cached value, and each element of an activation the quantized or the unquantized value,
   drawn with `drop_prob`, so the roundings learned do not fit one pattern of activation error;
