@@ -5,8 +5,9 @@ Run by hand (not in CI), e.g. ``python benchmarks/ptq.py --out /tmp/ptqbench``. 
 accuracy (also on the images calibration did not see) and top-1 agreement of every model, the time and peak RSS of
 quantization (openamct: quantize_model, the calibration batches and save_model, whose weight algorithms, block
 reconstruction, export and parity check run there; ORT: quantize_static), ORT latency and integer-op counts.
-Low-bit rows: ``--algos w4-gptq,w4-adaround,w4-block,w4dw8-block,w8-block`` runs IFMR activations with W4 weights
-on every layer (``w4``), W4 with the stem and depthwise convs at W8 (``w4dw8``) or W8 (``w8``), and GPTQ (the
+Low-bit rows: ``--algos w4-gptq,w4-adaround,w4-block,w4dw8-block,w8-block,nuq16-block`` runs IFMR activations
+with W4 weights on every layer (``w4``), W4 with the stem and depthwise convs at W8 (``w4dw8``), W8 (``w8``) or
+the NUQ .cfg with N levels (``nuqN``), and GPTQ (the
 default), AdaRound (``ada_quantize``, ``--ada-iterations`` steps per layer) or block reconstruction after GPTQ
 (``block_reconstruction``, ``--block-iterations`` steps per block), each set in the JSON config as a user would.
 Every openamct row gets its top-1 gap to FP32 on the images calibration did not see, with its paired standard error.
@@ -103,17 +104,19 @@ def agree(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- openamct calibration (in a child process)
 
-LOW_BIT = re.compile(r"(w4|w4dw8|w8)-(gptq|adaround|block)$")
+LOW_BIT = re.compile(r"(w4|w4dw8|w8|nuq\d+)-(gptq|adaround|block)$")
 
 
 def low_bit_config(path: str, algo: str, model, x0, iterations: dict) -> None:
     """Edit create_quant_config's JSON for a LOW_BIT `algo`, as a user would: weight bits per layer, AMCT's
     ada_quantize, or openamct's block_reconstruction object."""
     weights, method = LOW_BIT.match(algo).groups()
+    if weights.startswith("nuq") and method == "adaround":
+        raise ValueError(f"{algo}: AdaRound does not take NUQ codebooks (use nuqN-block)")
     eight = set(group_members(capture(model, x0), ["first", "depthwise"])) if weights == "w4dw8" else set()
     config = json.loads(Path(path).read_text())
     for name, layer in config.items():
-        if isinstance(layer, dict) and "weight_quant_params" in layer:
+        if isinstance(layer, dict) and "weight_quant_params" in layer and not weights.startswith("nuq"):
             params = layer["weight_quant_params"]
             params["num_bits"] = 8 if weights == "w8" or name in eight else 4
             if method == "adaround":
@@ -138,9 +141,9 @@ def calibrate_child(algo: str, images_path: str, n_calib: int, batch_num: int, n
     if algo == "hfmg":
         cfg = os.path.join(work, "hfmg.cfg")
         Path(cfg).write_text(HFMG_CFG.format(n=batch_num))
-    elif algo.startswith("nuq"):
+    elif algo.startswith("nuq"):  # nuqN, or nuqN-<method>: the NUQ .cfg, then the method in the JSON
         cfg = os.path.join(work, f"{algo}.cfg")
-        Path(cfg).write_text(NUQ_CFG.format(n=batch_num, steps=int(algo[3:])))
+        Path(cfg).write_text(NUQ_CFG.format(n=batch_num, steps=int(algo[3:].split("-")[0])))
     t0 = time.perf_counter()
     amct.create_quant_config("config.json", model, x0, batch_num=batch_num, config_defination=cfg)
     if LOW_BIT.match(algo):

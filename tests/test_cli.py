@@ -118,7 +118,7 @@ def calibrated(tiny_file, labels_file, tmp_path_factory):
             patch.setattr(sys, "stderr", _Tee(captured, "err"))
             code = cli.main(["calibrate", "--model-file", f"{tiny_file}:build", "--images", str(IMAGES),
                              "--labels", str(labels_file), "--batch-num", "2", "--batch-size", "4", "--eval", str(EVAL),
-                             "--eval-simulation", "--workers", "0", *THREADS])
+                             "--eval-simulation", "--workers", "0", "--block-reconstruction", "5", *THREADS])
     finally:
         os.chdir(old)
     assert code == 0, captured.get("err")
@@ -150,6 +150,8 @@ def test_calibrate_writes_amct_layout_report_and_plot(calibrated):
         assert (output / relative).is_file(), relative
     assert (output / "layer_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "The model file is saved in" in (work / "amct_log" / "amct_pytorch.log").read_text()
+    assert json.loads((output / "tmp" / "config.json").read_text())["block_reconstruction"]["num_iteration"] == 5
+    assert "Reconstruct block" in (work / "amct_log" / "amct_pytorch.log").read_text()
     report = json.loads((output / "quant_report.json").read_text())
     assert report["quantized_layers"] == 4 and report["source"].endswith("tiny_cnn.py:build")
     assert report["calibration"] == {"batch_num": 2, "batch_size": 4, "images": 8}
@@ -250,6 +252,7 @@ def test_help_describes_every_option(capsys):
     assert code == 0
     for option in ("--model", "--model-file", "--weights", "--images", "--labels", "--output", "--config",
                    "--batch-num", "--batch-size", "--eval", "--workers", "--device", "--skip-layers", "--threads",
+                   "--block-reconstruction",
                    "quant_report.json", "layer_error.png", "_deploy_model.onnx", "tmp/record.txt"):
         assert option in out, option
     code, out, _ = _run(["evaluate", "--help"], capsys)

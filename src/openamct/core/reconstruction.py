@@ -37,6 +37,7 @@ from tqdm import tqdm
 from . import log
 from .algorithms.adaround import GAMMA, ZETA, beta_at
 from .config import ConfigError
+from .layer import QuantLayer
 from .primitives import channel_view, fake_quant, qrange
 from .simulation import shared_quantized, simulating
 
@@ -108,7 +109,6 @@ def find_blocks(qmodel: nn.Module, layers: dict, floats: dict, inputs: list, nam
     """([(block name, [its quantized layer names])] in the order the forward reaches them, the names of the blocks
     whose input is the output of the block before): the modules `names`, or the automatic rule's (see the module
     docstring)."""
-    from .layer import QuantLayer  # layer.py does not import this module's users
     calls, order, tensors = {}, [], {}  # tensors: name -> (its input, its output), held to compare identities
 
     def watch(name):

@@ -72,6 +72,10 @@ def add_parser(commands) -> None:
                        help="calibration batches (default 8): the first N x --batch-size images calibrate")
     quant.add_argument("--skip-layers", metavar="A,B", default="",
                        help="comma-separated module names to keep in float (e.g. conv1,fc)")
+    quant.add_argument("--block-reconstruction", type=common.positive, metavar="STEPS",
+                       help="after calibration, reconstruct each block of the model with STEPS Adam steps per block "
+                            "(openamct's block_reconstruction in config.json; for 4-bit and NUQ weights, e.g. 300; "
+                            "minutes rather than seconds; default off)")
     calibrate.add_argument("--eval-simulation", action="store_true",
                            help="also evaluate the PyTorch simulation of the INT8 model (slow: float kernels plus "
                                 "the quantization arithmetic; the deploy model agrees with it, see the parity check)")
@@ -106,7 +110,11 @@ def run(args) -> int:
     with common.timed(timings, "quantize_model"):
         amct.create_quant_config(str(config_file), model, input_data, skip_layers=skip_layers,
                                  batch_num=args.batch_num, config_defination=args.config)
-        batch_num = json.loads(config_file.read_text())["batch_num"]
+        config = json.loads(config_file.read_text())
+        if args.block_reconstruction:
+            config["block_reconstruction"] = {"num_iteration": args.block_reconstruction}
+            write_text(str(config_file), json.dumps(config, indent=4) + "\n")
+        batch_num = config["batch_num"]
         io = dict(input_names=["input"], output_names=["output"],
                   dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
         qmodel = amct.quantize_model(str(config_file), str(fused_file), str(record_file), model, input_data, **io)
