@@ -8,7 +8,7 @@ from tiny_models import BlockNet, ConvNet, blocknet, convnet
 
 import openamct as amct
 from openamct.amct.config_files import load_json
-from openamct.core import reconstruction
+from openamct.core import block_learning, reconstruction
 from openamct.core.api import quant_layers
 from openamct.core.config import ConfigError, ReconstructionParams, Rule
 
@@ -99,9 +99,9 @@ def test_windows_are_measured_local_blocks_get_them_with_their_margin_global_one
     features = torch.rand(2, 16, 32, 32)
     with torch.no_grad():
         residual, squeeze = model.blocks[0], model.blocks[2]
-        windows = reconstruction._Windows(residual, features, residual(features))
-        assert (windows.side, windows.margin) == (reconstruction.WINDOW, 2)  # two 3x3 convs: two pixels
-        assert reconstruction._Windows(squeeze, features, squeeze(features)).side is None
+        windows = block_learning.Windows(residual, features, residual(features))
+        assert (windows.side, windows.margin) == (block_learning.WINDOW, 2)  # two 3x3 convs: two pixels
+        assert block_learning.Windows(squeeze, features, squeeze(features)).side is None
 
 
 def test_reconstruction_is_repeatable_and_keeps_weights_on_their_grids():

@@ -15,7 +15,7 @@ For each block:
   the NUQ codebook's), started near the rounding the layer's weight algorithm chose (GPTQ's by default): from the
   paper's start, the fractional part, 300 steps left the first blocks worse than GPTQ had. Each activation
   quantizer of the block learns its step size (LSQ's straight-through gradient);
-- a block that only looks at nearby pixels learns on windows of its maps (_Windows);
+- a block that only looks at nearby pixels learns on windows of its maps (block_learning.Windows);
 - each Adam step runs the block on `batch_size` cached samples. QDrop: each element of the block's input is the
   float or the quantized cached value, and each element of an activation the quantized or the unquantized value,
   drawn with `drop_prob`, so the roundings learned do not fit one pattern of activation error;
@@ -27,7 +27,6 @@ before) and the learned step sizes kept, unless the block's output error on held
 higher than before, in which case the block is left as calibration made it (and the log says so).
 """
 import contextlib
-import math
 
 import torch
 from torch import nn
@@ -35,21 +34,13 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from . import log
-from .algorithms.adaround import GAMMA, ZETA, beta_at
+from .block_learning import WINDOW, Overrides, Windows, reconstruct_block
 from .config import ConfigError
 from .layer import QuantLayer
-from .primitives import channel_view, fake_quant, qrange
-from .simulation import shared_quantized, simulating
+from .simulation import simulating
 
 MAX_BLOCK_LAYERS = 4  # the automatic rule's largest block: a bottleneck with its downsample, an MBConv block
-ROUNDING_LR = 3e-2  # Adam's step on V: a rounding started at START can flip within about 70 steps
-SCALE_LR = 1e-3  # Adam's step on the log of each activation step size: about 0.1 % of the scale per step
-START = 0.95  # h(V) at the start: near the chosen rounding, so the block starts about where the weight algorithm
-# left it (at 0.8 the soft weights start far worse than the hard ones, and what is learned fits the soft ones)
-CHECK_EVERY = 50  # steps between the checks whether every rounding has settled
-HELD_ASIDE = 64  # calibration samples on which the block's output error is compared before and after
 CHUNK = 32  # samples per forward when caching inputs and targets
-WINDOW = 24  # side of the output windows a spatially local block learns on (see _Windows)
 
 
 class _Stop(Exception):
@@ -75,27 +66,11 @@ def float_parameters(layers: dict) -> dict:
                    None if layer.layer.bias is None else layer.layer.bias.detach().clone())
             for name, layer in layers.items()}
 
-
-class _Overrides:
-    """Sets `override` on layers and quantizers for the duration of a `with`."""
-
-    def __init__(self, functions: dict):
-        self.functions = functions  # module -> function
-
-    def __enter__(self):
-        for module, function in self.functions.items():
-            module.override = function
-
-    def __exit__(self, *exc):
-        for module in self.functions:
-            module.override = None
-
-
-def _float_model(layers: dict, floats: dict) -> _Overrides:
+def _float_model(layers: dict, floats: dict) -> Overrides:
     """The float model: every quantized layer on its float weight and bias, no quantizer."""
     def forward(layer, weight, bias):
         return lambda x: functional_call(layer.layer, {"weight": weight, "bias": bias}, (x,))
-    return _Overrides({layer: forward(layer, *floats[name]) for name, layer in layers.items()})
+    return Overrides({layer: forward(layer, *floats[name]) for name, layer in layers.items()})
 
 
 def _run(qmodel: nn.Module, inputs: list) -> None:
@@ -191,220 +166,6 @@ def _block_input(qmodel: nn.Module, block: nn.Module, inputs: list) -> torch.Ten
         handle.remove()
     return torch.cat(captured)
 
-
-class _Windows:
-    """Random windows of a spatially local block's maps. On a window of its input the block computes its output's
-    window as on the whole map, except within `margin` of the window's edges (where its padding differs), so a step
-    can learn on windows: far fewer positions per step, from more images. Whether the block is local, and its
-    margin, is measured, not assumed: blocks whose output depends on the whole map (squeeze-excite, attention,
-    pooling) or whose maps are not images, or no larger than a window, are learned on whole maps."""
-
-    def __init__(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor):
-        self.side = None  # output window side; None: whole maps
-        if x.dim() != 4 or target.dim() != 4 or min(target.shape[-2:]) <= WINDOW:
-            return
-        stride = x.shape[-1] // target.shape[-1]
-        if tuple(x.shape[-2:]) != (stride * target.shape[-2], stride * target.shape[-1]):
-            return
-        top, left = (target.shape[-2] - WINDOW) // 2, (target.shape[-1] - WINDOW) // 2
-        with torch.no_grad():
-            window = block(self._input_window(x[:2], top, left, stride))
-        if window.shape[-2:] != (WINDOW, WINDOW):
-            return
-        exact = target[:2, :, top:top + WINDOW, left:left + WINDOW]
-        wrong = ((window - exact).abs() > 1e-4 * exact.abs().amax() + 1e-6).flatten(0, 1).any(0)
-        rows, cols = torch.nonzero(wrong, as_tuple=True)
-        depth = torch.minimum(torch.minimum(rows, cols), torch.minimum(WINDOW - 1 - rows, WINDOW - 1 - cols))
-        margin = int(depth.max()) + 1 if len(depth) else 0
-        if margin <= WINDOW // 4:
-            self.side, self.margin, self.stride = WINDOW, margin, stride
-
-    @staticmethod
-    def _input_window(x, top, left, stride):
-        return x[..., top * stride:(top + WINDOW) * stride, left * stride:(left + WINDOW) * stride]
-
-    def draw(self, x_quant, x_float, target, pick, generator):
-        """(quantized input, float input, target) of the samples `pick`, on one random window or whole."""
-        if self.side is None:
-            return x_quant[pick], x_float[pick], target[pick]
-        top, left = (int(torch.randint(size - WINDOW + 1, (), generator=generator)) for size in target.shape[-2:])
-        inner = slice(top + self.margin, top + WINDOW - self.margin), slice(left + self.margin,
-                                                                            left + WINDOW - self.margin)
-        return (self._input_window(x_quant, top, left, self.stride)[pick],
-                self._input_window(x_float, top, left, self.stride)[pick], target[..., inner[0], inner[1]][pick])
-
-    def inner(self, output):
-        """The part of the block's output on a window that matches the whole map's."""
-        if self.side is None or not self.margin:
-            return output
-        return output[..., self.margin:-self.margin, self.margin:-self.margin]
-
-
-class _SoftRounding:
-    """A layer's weight as AdaRound's soft rounding between the two levels around each float weight (grid levels,
-    or the NUQ codebook's), on the layer's scales (fixed from here on), starting near the rounding chosen so far:
-    weight = scale * (low + h(V) * step)."""
-
-    def __init__(self, layer, float_weight: torch.Tensor):
-        quantizer = layer.weight_quantizer
-        weight = layer.layer.weight
-        quantizer.fixed_scales = quantizer.scales(weight).detach()
-        self.layer = layer
-        self.scale = channel_view(quantizer.fixed_scales.to(weight), weight.dim(), layer.axis)
-        chosen = quantizer.codes(weight, quantizer.fixed_scales)
-        scaled = float_weight / self.scale
-        if quantizer.levels is None:
-            qmin, qmax = qrange(quantizer.params.num_bits)
-            self.low = torch.minimum(torch.maximum(torch.floor(scaled), chosen - 1), chosen).clamp(qmin, qmax)
-            self.step = (self.low + 1).clamp(max=qmax) - self.low
-        else:
-            self.low, self.step = _codebook_neighbours(quantizer.levels, scaled, chosen)
-        up = (chosen > self.low) & (self.step > 0)  # the chosen code is low or low + step
-        start = torch.where(up, START, 1 - START)
-        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (start - GAMMA) - 1))
-
-    def soft(self) -> torch.Tensor:
-        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
-
-    def weight(self) -> torch.Tensor:
-        return (self.low + self.soft() * self.step) * self.scale
-
-    def hard(self) -> torch.Tensor:
-        return (self.low + (self.soft() >= 0.5).to(self.low) * self.step) * self.scale
-
-    def regulariser(self, beta: float) -> torch.Tensor:
-        return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()
-
-    def settled(self) -> bool:
-        soft = self.soft()
-        return bool(((soft == 0) | (soft == 1) | (self.step == 0)).all())
-
-
-def _codebook_neighbours(levels, scaled: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low, step) of each weight on a NUQ codebook (`levels`: [num_steps], or [out, num_steps] per channel): the
-    codebook level at or below the weight, moved so that the chosen level is low or low + step."""
-    shape = scaled.shape
-    rows = scaled.reshape(shape[0], -1)
-    table = torch.as_tensor(levels, dtype=rows.dtype, device=rows.device)
-    table = (table if table.dim() == 2 else table[None]).expand(shape[0], -1).contiguous()
-    below = (torch.searchsorted(table, rows.contiguous(), right=True) - 1).clamp(0, table.shape[1] - 1)
-    picked = torch.searchsorted(table, chosen.reshape(shape[0], -1).contiguous())
-    index = torch.minimum(torch.maximum(below, picked - 1), picked).clamp(0, table.shape[1] - 1)
-    low = torch.gather(table, 1, index)
-    high = torch.gather(table, 1, (index + 1).clamp(max=table.shape[1] - 1))
-    return low.reshape(shape), (high - low).reshape(shape)
-
-
-class _StepSize:
-    """An activation quantizer with a learned step size (its offset kept), QDrop applied while learning. The step
-    stays within what the producer's bounds allow (ReLU6: 6 / 255), so the deployed model still drops the clip
-    before the quantization, as calibration planned it."""
-
-    def __init__(self, quantizer, drop_prob: float, generator: torch.Generator):
-        self.quantizer, self.drop_prob, self.generator = quantizer, drop_prob, generator
-        qmin, qmax = qrange(quantizer.params.num_bits)
-        offset = float(quantizer.offset)
-        low, high = quantizer.bounds
-        caps = [high / (qmax - offset) if math.isfinite(high) and qmax > offset else math.inf,
-                low / (qmin - offset) if math.isfinite(low) and qmin < offset else math.inf]
-        self.cap = min(caps) * (1 - 1e-6)
-        # started at the cap, not above it, where the clamp would pass it no gradient
-        self.log_scale = nn.Parameter(quantizer.scale.detach().clone().clamp(max=self.cap).log())
-        self.learning = True
-
-    def scale(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.cap)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return shared_quantized(x, self._quantize)
-
-    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
-        xq = fake_quant(x, self.scale(), self.quantizer.offset, self.quantizer.params.num_bits)
-        if not self.learning or not self.drop_prob:
-            return xq
-        dropped = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
-        return torch.where(dropped, x, xq)
-
-
-def _learning(members: dict, roundings: dict, steps: dict) -> _Overrides:
-    """The block's layers on their soft roundings and learned steps."""
-    def forward(layer, rounding):
-        def run(x):
-            y = functional_call(layer.layer, {"weight": rounding.weight()}, (layer.input_quantizer(x),))
-            return layer.output_quantizer(y) if layer.output_quantizer is not None else y
-        return run
-    functions = {layer: forward(layer, roundings[name]) for name, layer in members.items()}
-    functions.update({step.quantizer: step for step in steps.values()})
-    return _Overrides(functions)
-
-
-def _error(block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
-    """The block's mean squared output error on `x` as the model now computes it."""
-    with torch.no_grad(), simulating():
-        return float(torch.nn.functional.mse_loss(block(x), target))
-
-
-def reconstruct_block(block: nn.Module, members: dict, floats: dict, x_float: torch.Tensor,
-                      x_quant: torch.Tensor, target: torch.Tensor, windows: _Windows, params,
-                      name: str) -> tuple[float, float]:
-    """Learn the block's roundings and activation steps (see the module docstring); returns its output error on
-    the held-aside samples (before, after)."""
-    device = x_quant.device
-    samples = torch.Generator().manual_seed(params.seed)
-    masks = torch.Generator(device=device).manual_seed(params.seed)
-    aside = slice(0, min(HELD_ASIDE, len(x_quant)))
-    before = _error(block, x_quant[aside], target[aside])
-    quantizers = {id(q): q for layer in members.values()
-                  for q in (layer.input_quantizer, layer.output_quantizer) if q is not None}
-    saved = {layer: (layer.layer.weight.detach().clone(), layer.weight_quantizer.fixed_scales)
-             for layer in members.values()}
-    saved_scales = {key: q.scale.clone() for key, q in quantizers.items()}
-    roundings = {layer_name: _SoftRounding(layer, floats[layer_name][0]) for layer_name, layer in members.items()}
-    steps = {key: _StepSize(q, params.drop_prob, masks) for key, q in quantizers.items()}
-    optimizer = torch.optim.Adam([{"params": [r.v for r in roundings.values()], "lr": ROUNDING_LR},
-                                  {"params": [s.log_scale for s in steps.values()], "lr": SCALE_LR}])
-    unit = max(before, 1e-30)
-    bar = tqdm(total=params.num_iteration, desc=f"reconstruct {name}", unit="it", leave=False, disable=None)
-    with torch.enable_grad(), _learning(members, roundings, steps), bar:
-        for step in range(params.num_iteration):
-            pick = torch.randint(len(x_quant), (min(params.batch_size, len(x_quant)),), generator=samples)
-            quant, exact, wanted = windows.draw(x_quant, x_float, target, pick, samples)
-            if params.drop_prob:
-                dropped = torch.rand(quant.shape, generator=masks, device=device) < params.drop_prob
-                quant = torch.where(dropped, exact, quant)
-            with simulating():
-                loss = torch.nn.functional.mse_loss(windows.inner(block(quant)), wanted) / unit
-            beta = beta_at(step, params)
-            if beta is not None:
-                loss = loss + params.reg_param * sum(r.regulariser(beta) for r in roundings.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.update()
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4g}")
-            if beta is not None and step % CHECK_EVERY == 0 and all(r.settled() for r in roundings.values()):
-                break
-        with torch.no_grad():
-            for rounding in roundings.values():
-                rounding.layer.layer.weight.copy_(rounding.hard())
-            for step in steps.values():
-                step.quantizer.scale.fill_(float(step.scale()))
-                step.learning = False
-    after = _error(block, x_quant[aside], target[aside])
-    if after > before:
-        with torch.no_grad():
-            for layer, (weight, fixed) in saved.items():
-                layer.layer.weight.copy_(weight)
-                layer.weight_quantizer.fixed_scales = fixed
-            for key, q in quantizers.items():
-                q.scale.copy_(saved_scales[key])
-        log.info(f"Block '{name}': reconstruction did not lower its output error ({before:.4g} -> {after:.4g}); "
-                 f"it is kept as calibrated.", "Reconstruction")
-        return before, before
-    return before, after
-
-
 def reconstruct(qmodel: nn.Module, layers: dict, floats: dict, recorder: Recorder) -> None:
     """Every block of `qmodel` (calibrated) reconstructed in network order on the recorded calibration inputs.
 
@@ -428,7 +189,7 @@ def reconstruct(qmodel: nn.Module, layers: dict, floats: dict, recorder: Recorde
             previous = None
             with _float_model(layers, floats), torch.no_grad():
                 target = torch.cat([block(chunk) for chunk in x_float.split(CHUNK)])
-                windows = _Windows(block, x_float, target)
+                windows = Windows(block, x_float, target)
             before, after = reconstruct_block(block, members, floats, x_float, x_quant, target, windows, params,
                                               name)
             log.info(f"Reconstruct block '{name}' ({', '.join(member_names)}): output error {before:.4g} -> "
