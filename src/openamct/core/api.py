@@ -103,9 +103,7 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
     qmodel.register_forward_pre_hook(enter_simulation)
     qmodel.register_forward_hook(exit_simulation, always_call=True)
     if config.reconstruction is not None:  # the calibration batches, kept for block reconstruction in convert
-        recorder = Recorder(config.reconstruction, config.batch_num)
-        recorder.handle = qmodel.register_forward_pre_hook(recorder, with_kwargs=True)
-        qmodel.block_reconstruction = recorder
+        qmodel.block_reconstruction = Recorder(config.reconstruction, config.batch_num, qmodel)
     _log_coverage(qmodel, config, info)
     return qmodel
 

@@ -156,7 +156,6 @@ class _StepSize:
         self.cap = min(caps) * (1 - 1e-6)
         # started at the cap, not above it, where the clamp would pass it no gradient
         self.log_scale = nn.Parameter(quantizer.scale.detach().clone().clamp(max=self.cap).log())
-        self.learning = True
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.cap)
@@ -166,7 +165,7 @@ class _StepSize:
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         xq = fake_quant(x, self.scale(), self.quantizer.offset, self.quantizer.params.num_bits)
-        if not self.learning or not self.drop_prob:
+        if not self.drop_prob:
             return xq
         dropped = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
         return torch.where(dropped, x, xq)
@@ -236,7 +235,6 @@ def reconstruct_block(block: nn.Module, members: dict, floats: dict, x_float: to
                 rounding.layer.layer.weight.copy_(rounding.hard())
             for step in steps.values():
                 step.quantizer.scale.fill_(float(step.scale()))
-                step.learning = False
     after = _error(block, x_quant[aside], target[aside])
     if after > before:
         with torch.no_grad():

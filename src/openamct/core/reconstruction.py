@@ -48,11 +48,12 @@ class _Stop(Exception):
 
 
 class Recorder:
-    """A forward pre-hook of the calibration model: the model inputs of the first `batch_num` calibration batches,
-    for block reconstruction after calibration."""
+    """A forward pre-hook of the calibration model `model` (registered here, removed by `handle`): the model inputs
+    of the first `batch_num` calibration batches, for block reconstruction after calibration."""
 
-    def __init__(self, params, batch_num: int):
+    def __init__(self, params, batch_num: int, model: nn.Module):
         self.params, self.batch_num, self.inputs = params, batch_num, []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
         if len(self.inputs) < self.batch_num:
