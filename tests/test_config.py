@@ -230,7 +230,7 @@ def test_json_refuses_global_fields_it_cannot_honour(tmp_path, extra, message):
 
 
 @pytest.mark.parametrize("entry, message", [
-    ('"dmq_balancer_param": 0.5', "DMQ balancer"),
+    ('"dmq_balancer_param": 1.5', r"field 'dmq_balancer_param': got 1\.5"),
     ('"wts_params": {}', "unknown field 'wts_params'"),
 ])
 def test_json_refuses_layer_fields_it_cannot_honour(tmp_path, entry, message):
@@ -241,7 +241,8 @@ def test_json_refuses_layer_fields_it_cannot_honour(tmp_path, entry, message):
 
 
 @pytest.mark.parametrize("text, line, message", [
-    ("batch_num: 1\ncommon_config {\n  dmq_balancer { migration_strength: 0.5 }\n}\n", 2, "DMQ balancer"),
+    ("batch_num: 1\ncommon_config {\n  dmq_balancer { migration_strength: 1.5 }\n}\n", 2,
+     "field 'dmq_balancer.migration_strength': got 1.5"),
     ("batch_num: 1\nfakequant_precision_mode: FORCE_FP16_QUANT\n", 2, "FORCE_FP16_QUANT is not supported"),
     ("batch_num: 1\ncommon_config {\n  ifmr_quantize { dst_type: INT16 }\n}\n", 2, "INT16 activations"),
     ("batch_num: 1\noverride_layer_types {\n layer_type: \"Linear\"\n calibration_config {\n"

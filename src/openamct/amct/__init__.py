@@ -31,6 +31,7 @@ from .config_files import (
     save_json,
     save_retrain_json,
 )
+from .preprocess import prepare_balanced, quantize_preprocess
 from .record import read_record, write_record
 
 # calibration models by fused-model path, so save_model can check parity against the PyTorch simulation
@@ -118,7 +119,7 @@ def quantize_model(config_file, modified_onnx_file, record_file, model, input_da
     amct_log.install()
     info = capture(model, input_data)
     config = load_json(config_file, known_layers=info.layers)
-    qmodel = prepare(model, config, input_data, info=info)
+    qmodel = prepare_balanced(model, config, input_data, info, record_file)  # DMQ: quantize_preprocess's factors
 
     def write_fused(module):
         fused, _ = fused_model(module, input_data, input_names, output_names, dynamic_axes)
@@ -241,5 +242,5 @@ def save_quant_retrain_model(config_file, model, record_file, save_path, input_d
         qmodel.train(was_training)
 
 
-__all__ = ["create_quant_config", "quantize_model", "save_model", "create_quant_retrain_config",
+__all__ = ["create_quant_config", "quantize_preprocess", "quantize_model", "save_model", "create_quant_retrain_config",
            "create_quant_retrain_model", "restore_quant_retrain_model", "save_quant_retrain_model"]

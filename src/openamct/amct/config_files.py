@@ -28,6 +28,7 @@ from ..core.config import (
     WeightQuantParams,
     apply_rules,
     check,
+    check_migration_strength,
     check_names,
     check_nuq_types,
 )
@@ -37,7 +38,6 @@ from .proto import retrain_config_pytorch_pb2 as retrain_pb2
 
 VERSION = 1
 VERSION_KEY = '"version"'
-DMQ_REFUSED = "the DMQ balancer (dmq_balancer) is not available yet in openamct; remove it"
 FP16_REFUSED = ("fakequant_precision_mode FORCE_FP16_QUANT is not supported: openamct's fake-quant model computes in "
                 "float32, bit-exact with its deploy model; remove the field")
 
@@ -99,8 +99,10 @@ def save_json(config: QuantConfig, path: str) -> None:
     if config.reconstruction is not None:
         out["block_reconstruction"] = {k: list(v) if isinstance(v, tuple) else v
                                        for k, v in dataclasses.asdict(config.reconstruction).items()}
-    out.update({name: {"quant_enable": layer.quant_enable, "activation_quant_params": _act_json(layer.activation),
-                       "weight_quant_params": _weight_json(layer.weight)} for name, layer in config.layers.items()})
+    for name, layer in config.layers.items():
+        dmq = {} if layer.dmq_balancer_param is None else {"dmq_balancer_param": layer.dmq_balancer_param}
+        out[name] = {"quant_enable": layer.quant_enable, **dmq, "activation_quant_params": _act_json(layer.activation),
+                     "weight_quant_params": _weight_json(layer.weight)}
     write_text(path, json.dumps(out, indent=4) + "\n")
 
 
@@ -133,8 +135,6 @@ def _names(obj: dict, key: str) -> tuple:
 
 def _fields(obj: dict, known: tuple, where: str) -> None:
     for key in obj:
-        if key == "dmq_balancer_param":
-            raise ConfigError(f"{where}: {DMQ_REFUSED}")
         if key not in known:
             raise ConfigError(f"{where}: unknown field '{key}' (expected {', '.join(known)})")
 
@@ -148,10 +148,12 @@ def _reconstruction_from_json(value) -> ReconstructionParams | None:
 
 
 def _layer_from_json(obj: dict) -> LayerConfig:
-    _fields(obj, ("quant_enable", "activation_quant_params", "weight_quant_params"), "layer entry")
+    _fields(obj, ("quant_enable", "dmq_balancer_param", "activation_quant_params", "weight_quant_params"),
+            "layer entry")
     return LayerConfig(quant_enable=_flag(obj, "quant_enable"),
                        activation=ActQuantParams(**_tuples(obj.get("activation_quant_params", {}))),
-                       weight=_weight_from_json(obj.get("weight_quant_params", {})))
+                       weight=_weight_from_json(obj.get("weight_quant_params", {})),
+                       dmq_balancer_param=obj.get("dmq_balancer_param"))
 
 
 def _retrain_layer_from_json(obj: dict) -> RetrainLayerConfig:
@@ -288,8 +290,9 @@ def _changes(cfg: calib_pb2.CalibrationConfig) -> dict:
             rounding="adaround", channel_wise=m.channel_wise, num_iteration=m.num_iteration,
             reg_param=round(m.reg_param, 6), beta_range=(round(m.beta_range_start, 6), round(m.beta_range_end, 6)),
             warm_start=round(m.warm_start, 6))
-    if cfg.HasField("dmq_balancer"):
-        raise ConfigError(DMQ_REFUSED)
+    if cfg.HasField("dmq_balancer"):  # a float32 in the message: rounded back to the number the file holds
+        changes["dmq_balancer_param"] = round(cfg.dmq_balancer.migration_strength, 6)
+        check_migration_strength(changes["dmq_balancer_param"], "dmq_balancer.migration_strength")
     if cfg.HasField("arq_quantize"):
         changes["weight"] = WeightQuantParams(num_bits=cfg.arq_quantize.quant_bits,
                                               channel_wise=cfg.arq_quantize.channel_wise)

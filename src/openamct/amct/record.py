@@ -8,7 +8,7 @@ from ..core.layer import LayerRecord
 from .config_files import parse_text
 from .proto import scale_offset_record_pytorch_pb2 as record_pb2
 
-_HONOURED = {"scale_d", "offset_d", "scale_w", "offset_w", "scale_o", "offset_o", "nuq_levels"}
+_HONOURED = {"scale_d", "offset_d", "scale_w", "offset_w", "scale_o", "offset_o", "nuq_levels", "tensor_balance_factor"}
 _WRITTEN = {}  # absolute path -> (text, records) of the record this process last wrote there
 
 
@@ -25,9 +25,27 @@ def write_record(path: str, records: dict) -> None:
         if record.scale_o is not None:
             value.scale_o, value.offset_o = record.scale_o, record.offset_o
         value.nuq_levels.extend(record.nuq_levels)
+        value.tensor_balance_factor.extend(record.tensor_balance_factor)
+    _write(path, message, dict(records))
+
+
+def write_balance_factors(path: str, factors: dict) -> None:
+    """The record quantize_preprocess writes (layer name -> DMQ factors): tensor_balance_factor alone, as AMCT's."""
+    message = record_pb2.ScaleOffsetRecord()
+    for name, values in factors.items():
+        item = message.record.add()
+        item.key = name
+        item.value.tensor_balance_factor.extend(values)
+    _write(path, message, None)
+
+
+def _write(path: str, message, records) -> None:
     text = str(message)  # protobuf text format, from upb's C printer: 4x faster than text_format.MessageToString
     write_text(path, text)
-    _WRITTEN[os.path.abspath(path)] = (text, dict(records))
+    if records is None:
+        _WRITTEN.pop(os.path.abspath(path), None)
+    else:
+        _WRITTEN[os.path.abspath(path)] = (text, records)
 
 
 def read_record(path: str) -> dict:
@@ -54,5 +72,6 @@ def read_record(path: str) -> dict:
         out[item.key] = LayerRecord(scale_d=value.scale_d, offset_d=value.offset_d, scale_w=tuple(value.scale_w),
                                     offset_w=tuple(value.offset_w), scale_o=value.scale_o if output else None,
                                     offset_o=value.offset_o if output else None,
-                                    nuq_levels=tuple(value.nuq_levels))
+                                    nuq_levels=tuple(value.nuq_levels),
+                                    tensor_balance_factor=tuple(value.tensor_balance_factor))
     return out

@@ -128,11 +128,23 @@ class WeightQuantParams:
         return self.wts_algo == "nuq_quantize"
 
 
+def check_migration_strength(value, name: str) -> None:
+    """DMQ's migration strength: the share of each input channel's range moved from the activations into the
+    weights (algorithms/dmq.py), 0 (none) to 1 (all)."""
+    check(value is None or (_is(value, float) and 0 <= value <= 1), name, value, "a number in [0, 1]")
+
+
 @dataclass(frozen=True)
 class LayerConfig:
+    """`dmq_balancer_param`: the DMQ migration strength, None for no balancing. It is applied by the AMCT flow's
+    quantize_preprocess pre-pass (amct/preprocess.py), which needs its own calibration batches."""
     quant_enable: bool = True
     activation: ActQuantParams = field(default_factory=ActQuantParams)
     weight: WeightQuantParams = field(default_factory=WeightQuantParams)
+    dmq_balancer_param: float | None = None
+
+    def __post_init__(self):
+        check_migration_strength(self.dmq_balancer_param, "dmq_balancer_param")
 
 
 @dataclass(frozen=True)

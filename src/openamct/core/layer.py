@@ -15,7 +15,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from . import log
-from .algorithms import gptq, nuq
+from .algorithms import dmq, gptq, nuq
 from .algorithms.adaround import adaround
 from .algorithms.bias_correction import correct_bias
 from .algorithms.scale_refit import refit_scales
@@ -28,7 +28,8 @@ from .simulation import Accumulator, active_mode
 @dataclass(frozen=True)
 class LayerRecord:
     """A calibrated layer's quantization parameters: what the record file holds and the exported models use.
-    `scale_o`/`offset_o`: the output's, where it feeds an elementwise add; `nuq_levels`: the NUQ codebook(s)."""
+    `scale_o`/`offset_o`: the output's, where it feeds an elementwise add; `nuq_levels`: the NUQ codebook(s);
+    `tensor_balance_factor`: the DMQ factors the layer's input is divided by (algorithms/dmq.py)."""
     scale_d: float
     offset_d: int
     scale_w: tuple
@@ -36,6 +37,7 @@ class LayerRecord:
     scale_o: float | None = None
     offset_o: int | None = None
     nuq_levels: tuple = ()
+    tensor_balance_factor: tuple = ()
 
 
 def weight_pipeline(config: LayerConfig, layer: nn.Module, axis: int) -> tuple[str, ...]:
@@ -241,6 +243,7 @@ class QuantLayer(nn.Module):
         self._generator = None
         self._weight_cache = None  # (weight's storage and version, its fake-quantized value)
         self.override = None  # replaces forward while block reconstruction runs (core/reconstruction.py)
+        self.register_buffer("balance", None)  # DMQ factors s: the input is divided by them (balance_input)
 
     def __getattr__(self, name):
         """Attributes the wrapped layer has (in_features, stride, ...) read through, so model code that uses them
@@ -294,7 +297,16 @@ class QuantLayer(nn.Module):
             with torch.no_grad():
                 self.layer.weight.copy_(job.chosen)
 
+    def balance_input(self, factors: torch.Tensor) -> None:
+        """DMQ (algorithms/dmq.py): the weight multiplied by `factors` along its input channels, and the input
+        multiplied by their float32 inverses from here on, before anything reads it (quantizer, statistics,
+        block reconstruction), as the exported models' Mul does; the float layer computes the same function."""
+        self.balance = factors.to(self.layer.weight)
+        dmq.scale_weight(self.layer, self.balance)
+
     def forward(self, x):
+        if self.balance is not None:
+            x = x * dmq.inverse_view(self.layer, self.balance)
         if self.override is not None:
             return self.override(x)
         if not self.input_quantizer.calibrated:
@@ -377,4 +389,5 @@ class QuantLayer(nn.Module):
                            scale_w=tuple(scale_w.tolist()), offset_w=(0,) * scale_w.numel(),
                            scale_o=float(output.scale) if output is not None else None,
                            offset_o=int(output.offset) if output is not None else None,
-                           nuq_levels=tuple(int(v) for v in levels.ravel()) if levels is not None else ())
+                           nuq_levels=tuple(int(v) for v in levels.ravel()) if levels is not None else (),
+                           tensor_balance_factor=tuple(self.balance.tolist()) if self.balance is not None else ())

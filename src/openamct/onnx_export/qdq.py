@@ -143,13 +143,20 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
         if layer not in records:
             continue
         rec, node = records[layer], nodes[entry["node"]]
+        weight = numpy_helper.to_array(inits[entry["weight"]])
+        if rec.tensor_balance_factor:  # DMQ: the layer reads its input times 1/s, as QuantLayer.balance_input
+            inverse = (1 / np.asarray(rec.tensor_balance_factor, np.float64)).astype(np.float32)
+            shape = (inverse.size,) + (1,) * (weight.ndim - 2)
+            graph.node.append(helper.make_node("Mul", [node.input[0], const(f"{layer}.balance_inverse",
+                                                                            inverse.reshape(shape))],
+                                               [f"{layer}.balanced"], name=f"{layer}.balance"))
+            node.input[0] = f"{layer}.balanced"
         tensors.setdefault(node.input[0], (f"{layer}.quant", rec.scale_d, rec.offset_d, entry["act_bits"]))
         if rec.scale_o is not None:
             tensors.setdefault(node.output[0], (f"{layer}.quant_out", rec.scale_o, rec.offset_o, entry["act_bits"]))
 
         scale_d = np.float32(rec.scale_d)
         scale_w = np.asarray(rec.scale_w, dtype=np.float32)
-        weight = numpy_helper.to_array(inits[entry["weight"]])
         codes = layer_codes(entry, rec, weight)
         per_channel = scale_w.size > 1
         grid = (scale_d * scale_w).astype(np.float32)  # the accumulator's scale, as the simulation computes it
