@@ -116,3 +116,32 @@ def convnet() -> ConvNet:
 def exoticnet() -> ExoticNet:
     torch.manual_seed(0)
     return _randomize_bn(ExoticNet())
+
+
+class FragileNet(nn.Module):
+    """Four linear layers; fc3's input has one channel 300x larger than the others (fc2's channel 0 scaled up, fc3's
+    weights for it scaled down: the float function is unchanged), so its per-tensor INT8 input quantization leaves
+    the other channels a few levels: fc3 is the layer to keep float."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 32),
+                                                  nn.Linear(32, 10))
+        with torch.no_grad():
+            self.fc2.weight[0] *= 300
+            self.fc2.bias[0] = self.fc2.bias[0].abs() * 300
+            self.fc3.weight[:, 0] /= 300
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc4(torch.relu(self.fc3(x)))
+
+    @staticmethod
+    def example_input(batch=1):
+        return torch.randn(batch, 16)
+
+
+def fragilenet() -> FragileNet:
+    torch.manual_seed(0)
+    return FragileNet().eval()
