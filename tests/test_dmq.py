@@ -210,3 +210,9 @@ def test_bad_migration_strength_is_a_config_error_naming_the_field(tmp_path, val
     path = _cfg(tmp_path, f"  dmq_balancer {{ migration_strength: {value} }}\n")
     with pytest.raises(ConfigError, match=rf"quant\.cfg:2: field 'dmq_balancer\.migration_strength': got {value}"):
         config_from_cfg(path, {"fc1": ("Linear",)})
+
+
+def test_the_native_api_refuses_a_balancer_it_cannot_run():
+    model = OutlierBlock().eval()
+    with pytest.raises(ConfigError, match="only the AMCT flow runs"):
+        amct.default_config(model, _batches(7, 1)[0], rules=[amct.Rule(dmq_balancer_param=0.5)])

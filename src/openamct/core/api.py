@@ -18,6 +18,7 @@ from tqdm import tqdm
 from . import log
 from .capture import ModelInfo, capture, check_finite, fold_bn, fusions, layer_groups, set_module, weight_axis
 from .config import (
+    ConfigError,
     LayerConfig,
     QuantConfig,
     ReconstructionParams,
@@ -42,6 +43,10 @@ def default_config(model: nn.Module, input_data, *, rules=(), skip_layers=(), ba
     rules = tuple(rules) + tuple(Rule(name, quant_enable=False) for name in skip_layers)
     layers = apply_rules(LayerConfig(), rules, info.layers, layer_groups(info))
     check_nuq_types(layers, info.layers)
+    balanced = [name for name, layer in layers.items() if layer.dmq_balancer_param is not None]
+    if balanced:
+        raise ConfigError(f"a rule sets dmq_balancer_param (layer '{balanced[0]}'): DMQ balancing needs a pass over "
+                          f"the data before calibration, which only the AMCT flow runs (quantize_preprocess)")
     return QuantConfig(layers=layers, batch_num=batch_num, activation_offset=activation_offset,
                        reconstruction=reconstruction)
 
