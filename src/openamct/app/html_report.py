@@ -35,7 +35,8 @@ def _save(figure, path: str | None) -> bytes:
     return data
 
 
-def plot_tradeoff(points: list, path: str | None = None, *, metric: str = "top1_final", title: str = "") -> bytes:
+def plot_tradeoff(points: list, path: str | None = None, *, metric: str = "top1_final", ylabel: str = "top-1 (%)",
+                  title: str = "") -> bytes:
     """Accuracy against weight size of the configurations tried. `points`: dicts with "label", "size" (relative to
     INT8), the `metric` and "ok" (within the target); uniform configurations are labelled on the plot, the search's
     drawn as a path, the chosen one (label ending "(chosen)" or the last ok path point) ringed."""
@@ -57,7 +58,7 @@ def plot_tradeoff(points: list, path: str | None = None, *, metric: str = "top1_
                          zorder=4, label="chosen")
         axes.legend(loc="lower right", fontsize=8)
     axes.set_xlabel("weight bytes relative to INT8")
-    axes.set_ylabel("top-1 (%)" if metric.startswith("top1") else metric)
+    axes.set_ylabel(ylabel)
     axes.set_xscale("log", base=2)
     axes.grid(alpha=0.3)
     axes.set_title(title or "Accuracy against weight size", fontsize=10)
@@ -127,7 +128,7 @@ def write_html(report: dict, path: str, *, plots: dict | None = None) -> str:
         parts += [f"<h2>{html.escape(title)}</h2>", _image(data, title)]
     layers = report.get("layers") or {}
     if layers:
-        columns = sorted({key for row in layers.values() for key in row})
+        columns = list(dict.fromkeys(key for row in layers.values() for key in row))  # in the rows' order
         parts += ["<h2>Layers</h2>", _table(["layer"] + columns, [[n] + [row.get(c) for c in columns]
                                                                   for n, row in layers.items()])]
     if report.get("parity"):

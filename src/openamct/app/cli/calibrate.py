@@ -14,14 +14,19 @@ from tqdm import tqdm
 
 from ... import amct
 from ...amct.amct_log import log_path
-from ...core.api import is_calibrated, quant_layers
+from ...amct.config_files import load_json
+from ...core.api import is_calibrated, prepare, quant_layers
+from ...core.capture import capture
 from ...core.fileio import write_bytes, write_text
+from ...core.reconstruction import float_parameters
+from ...core.sensitivity import layer_output_loss
 from ...onnx_export.fused import fused_model
 from ...onnx_export.parity import describe
 from ..data import ImageLoader
 from ..evaluation import OnnxPredictor, TorchPredictor, evaluate
+from ..html_report import plot_sensitivity, plot_tradeoff, write_html
 from ..report import layer_errors, plot_layer_errors
-from . import common
+from . import common, mixed
 
 LAYER_ERROR_IMAGES = 4  # images of the first calibration batch the per-layer SQNR is measured on
 
@@ -45,7 +50,8 @@ outputs (NAME: --name, else the --model name or the FACTORY name; OUTPUT: --outp
   OUTPUT/tmp/fp32_model.onnx           BN-folded FP32 model: the baseline the evaluation scores
   OUTPUT/NAME_deploy_model.onnx        INT8 QDQ model for deployment (ONNX Runtime, ATC)
   OUTPUT/NAME_fake_quant_model.onnx    float model simulating INT8 (same numbers as the deploy one)
-  OUTPUT/quant_report.json             accuracies, parity, per-layer SQNR, paths and timings
+  OUTPUT/quant_report.json             accuracies, parity, per-layer SQNR and sensitivity, paths and timings
+  OUTPUT/quant_report.html             the same with its plots, one self-contained file for a browser
   OUTPUT/layer_error.png               per-layer quantization error (SQNR in dB, on the first
                                        {LAYER_ERROR_IMAGES} calibration images)
   ./amct_log/amct_pytorch.log          AMCT-format log of the run
@@ -76,6 +82,7 @@ def add_parser(commands) -> None:
                        help="after calibration, reconstruct each block of the model with STEPS Adam steps per block "
                             "(openamct's block_reconstruction in config.json; for 4-bit and NUQ weights, e.g. 300; "
                             "minutes rather than seconds; default off)")
+    mixed.add_arguments(calibrate.add_argument_group("mixed precision (instead of one config for every layer)"))
     calibrate.add_argument("--eval-simulation", action="store_true",
                            help="also evaluate the PyTorch simulation of the INT8 model (slow: float kernels plus "
                                 "the quantization arithmetic; the deploy model agrees with it, see the parity check)")
@@ -92,6 +99,7 @@ def run(args) -> int:
         raise common.UsageError("--skip-layers cannot be combined with --config: list them as skip_layers in the .cfg")
     if args.config and not os.path.isfile(args.config):
         raise common.UsageError(f"--config: file not found: {args.config}")
+    formats = mixed.check(args) if mixed.requested(args) else None
     preprocess_name = common.preprocess_name(args)
     dataset = common.dataset(args, common.preprocessing(preprocess_name))
     if not args.config:  # else the .cfg's batch_num counts: checked once the config is written
@@ -126,23 +134,39 @@ def run(args) -> int:
     _check_calibration_images(dataset, batch_num, args)
 
     calibration = dataset.subset(0, batch_num * args.batch_size)
-    loader = ImageLoader(calibration, args.batch_size, args.workers)
-    sample, seen = None, 0
-    with common.timed(timings, "calibration"), torch.no_grad():
-        for images, _ in tqdm(loader, total=len(loader), desc="calibrating", unit="batch", dynamic_ncols=True):
-            if sample is None:
-                sample = images[:LAYER_ERROR_IMAGES]
-            qmodel(images.to(device))
-            seen += 1
-    skipped = list(loader.skipped)
-    calibration_skipped = len(skipped)
-    if not is_calibrated(qmodel):
-        raise common.UsageError(f"calibration got {seen} of {batch_num} batches ({len(skipped)} unreadable images "
-                         f"skipped): add images or lower --batch-num")
+    floats = float_parameters(quant_layers(qmodel))
+    search = None
+    if formats is not None:
+        with common.timed(timings, "mixed_precision"):
+            qmodel, final_config, search = mixed.search(args, formats, model, load_json(str(config_file)), dataset,
+                                                        len(calibration), device, input_data)
+        sample = next(iter(ImageLoader(calibration, LAYER_ERROR_IMAGES, 0)))[0]
+        skipped = search.pop("skipped_images")
+        calibration_skipped = sum(path in skipped for path in (str(p) for p, _ in calibration.samples))
+        floats = float_parameters(quant_layers(prepare(model, final_config, input_data)))
+    else:
+        loader = ImageLoader(calibration, args.batch_size, args.workers)
+        sample, seen = None, 0
+        with common.timed(timings, "calibration"), torch.no_grad():
+            for images, _ in tqdm(loader, total=len(loader), desc="calibrating", unit="batch", dynamic_ncols=True):
+                if sample is None:
+                    sample = images[:LAYER_ERROR_IMAGES]
+                qmodel(images.to(device))
+                seen += 1
+        skipped = list(loader.skipped)
+        calibration_skipped = len(skipped)
+        if not is_calibrated(qmodel):
+            raise common.UsageError(f"calibration got {seen} of {batch_num} batches ({len(skipped)} unreadable "
+                                    f"images skipped): add images or lower --batch-num")
 
     with common.timed(timings, "save_model"):
         qmodel.cpu()  # save_model checks parity on CPU tensors
-        saved = amct.save_model(str(fused_file), str(record_file), str(output / name))
+        if search is None:
+            saved = amct.save_model(str(fused_file), str(record_file), str(output / name))
+        else:
+            saved = mixed.save(qmodel, final_config, {"config": str(config_file), "record": str(record_file),
+                                                      "modified_model": str(fused_file)}, str(output / name),
+                               sample, io)
         qmodel.to(device)
 
     with common.timed(timings, "layer_errors"):
@@ -152,6 +176,7 @@ def run(args) -> int:
         plot_file = plot_layer_errors(errors, str(output / "layer_error.png"), isolated=isolated,
                                       title=f"{name}: per-layer quantization error (INT8 simulation vs FP32, "
                                             f"{len(sample)} images)")
+        sensitivity = layer_output_loss(qmodel, floats, [batch])
 
     results = {}
     if args.eval != 0:
@@ -177,7 +202,8 @@ def run(args) -> int:
     paths = {"config": str(config_file), "record": str(record_file), "modified_model": str(fused_file),
              "fp32_model": str(fp32_file),
              "deploy_model": saved["paths"]["deploy"], "fake_quant_model": saved["paths"]["fake_quant"],
-             "report": str(output / "quant_report.json"), "layer_error_plot": plot_file, "log": log_path()}
+             "report": str(output / "quant_report.json"), "html_report": str(output / "quant_report.html"),
+             "layer_error_plot": plot_file, "log": log_path()}
     if "nuq_weights" in saved["paths"]:
         paths["nuq_weights"] = saved["paths"]["nuq_weights"]
     report = {"model": name, "source": args.model or args.model_file, "weights": args.weights,
@@ -186,12 +212,49 @@ def run(args) -> int:
               "calibration": {"batch_num": batch_num, "batch_size": args.batch_size,
                               "images": len(calibration) - calibration_skipped},
               "evaluation": results, "skipped_images": skipped, "parity": saved["parity"],
-              "layer_sqnr_db": errors, "layer_sqnr_db_isolated": isolated, "weight_bytes": saved["weight_bytes"],
+              "layer_sqnr_db": errors, "layer_sqnr_db_isolated": isolated, "layer_output_loss_alone": sensitivity,
+              "layers": _layers(model, input_data, qmodel, errors, isolated, sensitivity),
+              "mixed_precision": search, "weight_bytes": saved["weight_bytes"],
               "fallbacks": {name: layer.fallback for name, layer in quant_layers(qmodel).items() if layer.fallback},
               "paths": {key: os.path.abspath(value) for key, value in paths.items()}, "timings_s": timings}
     write_text(paths["report"], json.dumps(common.json_safe(report), indent=2) + "\n")
+    _write_html(report, paths, sensitivity, name)
     _print_summary(report, args)
     return 0
+
+
+def _layers(model, input_data, qmodel, errors, isolated, sensitivity) -> dict:
+    """Every layer with weights: its weight format (or why it is not quantized), SQNR and output loss alone."""
+    info = capture(model, input_data)
+    layers = quant_layers(qmodel)
+    rows = {}
+    for name, types in info.layers.items():
+        if name not in layers:
+            rows[name] = {"type": types[0], "format": "float (config)"}
+            continue
+        params = layers[name].weight_quantizer.params
+        rows[name] = {"type": types[0], "format": f"nuq{params.num_steps}" if params.nuq else f"INT{params.num_bits}",
+                      "SQNR dB": errors.get(name), "SQNR alone dB": isolated.get(name),
+                      "output loss alone": sensitivity.get(name)}
+    for name, reason in info.skipped.items():
+        rows[name] = {"format": f"float: {reason}"}
+    return rows
+
+
+def _write_html(report, paths, sensitivity, name) -> None:
+    """quant_report.html: the report with its plots embedded."""
+    plots = {}
+    search = report["mixed_precision"]
+    if search:
+        plots["Accuracy against weight size (search images)"] = plot_tradeoff(
+            search["trials"], metric="metric", ylabel=f"top-1 (%) on the {search['search_images']} search images",
+            title=f"{name}: configurations tried")
+    if sensitivity:
+        plots["Per-layer sensitivity: output loss with the layer quantized alone"] = plot_sensitivity(
+            sensitivity, title=f"{name}: what each layer's quantization costs the output, alone")
+    with open(paths["layer_error_plot"], "rb") as f:
+        plots["Per-layer SQNR"] = f.read()
+    write_html(common.json_safe(report), paths["html_report"], plots=plots)
 
 
 def _print_summary(report, args) -> None:
@@ -236,7 +299,8 @@ def _print_summary(report, args) -> None:
     labels = {"config": "quant config", "record": "record", "modified_model": "fused float model",
               "fp32_model": "FP32 model",
               "deploy_model": "deploy model", "fake_quant_model": "fake-quant model", "report": "report",
-              "layer_error_plot": "layer error plot", "nuq_weights": "NUQ packed weights", "log": "log"}
+              "html_report": "HTML report", "layer_error_plot": "layer error plot", "nuq_weights": "NUQ packed weights",
+              "log": "log"}
     for key, label in labels.items():
         if key in report["paths"]:
             out.append(f"  {label:<18} {report['paths'][key]}")
