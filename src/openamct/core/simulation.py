@@ -115,12 +115,28 @@ class SharedQuantizer:
     passes_through = False
 
 
+_LAYER_BY_LAYER = []  # while not empty, root forwards run without the mode (layer_by_layer)
+
+
+@contextlib.contextmanager
+def layer_by_layer():
+    """Forwards of a simulation model run inside run without the QuantizedValues mode: each quantized layer
+    quantizes its own input and hands on its output, and no other op sees quantized values. For measuring one
+    quantized layer among float ones (core/sensitivity.py), where the mode's cost on every op buys nothing."""
+    _LAYER_BY_LAYER.append(True)
+    try:
+        yield
+    finally:
+        _LAYER_BY_LAYER.pop()
+
+
 def enter_simulation(module, args):
     """Forward pre-hook of the root model: quantized values flow to every consumer during this forward. Skipped
-    (None on the stack) while every quantizer only observes: the mode's cost per op would buy nothing."""
+    (None on the stack) while every quantizer only observes, where the mode's cost per op would buy nothing, and
+    inside layer_by_layer."""
     if getattr(module, "_is_replica", False):
         raise TypeError(DATA_PARALLEL_UNSUPPORTED)
-    if all(m.passes_through for m in module.modules() if isinstance(m, SharedQuantizer)):
+    if _LAYER_BY_LAYER or all(m.passes_through for m in module.modules() if isinstance(m, SharedQuantizer)):
         _ACTIVE.append(None)
         return
     mode = QuantizedValues()
