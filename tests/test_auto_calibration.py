@@ -209,3 +209,12 @@ def test_mixed_precision_under_a_size_budget_and_its_bad_arguments():
         run(max_drop=1.0, options=("3", "8"))
     with pytest.raises(ConfigError, match="smallest configuration"):
         run(size_budget=0.1, options=("8",))
+
+
+def test_formats_that_do_not_apply_everywhere_leave_those_layers_at_int8():
+    model = fragilenet()  # 16..32 inputs per channel: too thin for 16-level codebooks (nuq.size_rule)
+    result = amct.mixed_precision(model, model.example_input(4), lambda m: [m(b) for b in CALIBRATION],
+                                  lambda m: agreement(m, model), size_budget=1.0, options=("nuq16", "4"))
+    assert all(option in ("4", "float") for option in result.choice.values())
+    uniform = {t.label: t for t in result.trials}
+    assert uniform["uniform nuq16"].size == pytest.approx(1.0)  # no layer takes it: all at INT8

@@ -11,8 +11,8 @@ indices plus codebooks for NUQ, 4 bytes a weight in float; scales not counted), 
 at INT8.
 
 How:
-1. The model is calibrated once per quantized format, every layer that can take it in it, and each of these
-   uniform models is scored with `evaluate_fn` (the curve's reference points).
+1. The model is calibrated once per quantized format, every layer that can take it in it (the others at INT8),
+   and each of these uniform models is scored with `evaluate_fn` (the curve's reference points).
 2. Each layer's loss in each format is measured alone (sensitivity.layer_output_loss on a few calibration
    samples): what that layer's quantization does to the network's output with every other layer float.
 3. Taking the losses as additive, the configurations of least predicted loss for their size lie on a path from
@@ -178,7 +178,7 @@ def mixed_precision(model: nn.Module, input_data, calibrate_fn, evaluate_fn, *, 
     int8 = sum(option_bytes("8", shape) for shape in shapes.values())
 
     def ratio(choice):
-        return sum(sizes[name][option] for name, option in choice.items()) / int8
+        return sum(option_bytes(option, shapes[name], codebook[name]) for name, option in choice.items()) / int8
 
     started = time.perf_counter()
     original = float(evaluate_fn(model))
