@@ -13,6 +13,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from ..core.layer import QuantLayer
 from .qdq import OPSET
@@ -38,6 +39,28 @@ def float_copy(qmodel: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+UNKNOWN = -(2 ** 62)  # a dim not fixed at export (the batch axis); no real dim or index is this
+
+
+def _run_node(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The outputs of one node on known input values (ONNX's reference evaluator: the op's own semantics)."""
+    inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None)
+              for i in node.input if i]
+    outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
+    single = helper.make_model(helper.make_graph([node], "fold", inputs, outputs),
+                               opset_imports=[helper.make_opsetid("", OPSET)])
+    return [np.asarray(v) for v in ReferenceEvaluator(single).run(None, {i: values[i] for i in node.input if i})]
+
+
+def _inputs(node: onnx.NodeProto) -> set[str]:
+    """The names a node reads, those its subgraphs (If/Loop bodies) read from the outer scope included."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            names.update(name for inner in sub.node for name in _inputs(inner))
+    return names
+
+
 def _fold_constants(graph: onnx.GraphProto) -> None:
     """Evaluate every node whose inputs are all constants (e.g. the pad arithmetic of TF 'same' padding) into
     initializers: shape arithmetic left in the graph blocks QDQ fusion and costs time at each inference."""
@@ -47,21 +70,78 @@ def _fold_constants(graph: onnx.GraphProto) -> None:
         if node.op_type.startswith("Random") or not all(i in known or i == "" for i in node.input):
             kept.append(node)
             continue
-        inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(known[i].dtype), None)
-                  for i in node.input if i]
-        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
-        single = helper.make_model(helper.make_graph([node], "fold", inputs, outputs),
-                                   opset_imports=[helper.make_opsetid("", OPSET)])
-        values = ReferenceEvaluator(single).run(None, {i: known[i] for i in node.input if i})
-        known.update(zip(node.output, (np.asarray(v) for v in values)))
+        known.update(zip(node.output, _run_node(node, known)))
     graph_outputs = {o.name for o in graph.output}
-    used = {i for node in kept for i in node.input} | graph_outputs
+    used = {i for node in kept for i in _inputs(node)} | graph_outputs
     initial = {i.name for i in graph.initializer}
     for name, value in known.items():
         if name in used and name not in initial:
             graph.initializer.append(numpy_helper.from_array(value, name))
     del graph.node[:]
     graph.node.extend(kept)
+
+
+def _static_dims(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Tensor name -> its dims, UNKNOWN where a dim is symbolic. ONNX Runtime's symbolic shape inference
+    (sympy) knows that x.reshape(x.shape[0], c, -1) keeps the -1 static, where ONNX's own gives up; a graph it
+    refuses gets ONNX's."""
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model)
+    except Exception:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    dims = {}
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape"):
+            dims[info.name] = np.array([d.dim_value if d.HasField("dim_value") else UNKNOWN
+                                        for d in tensor.shape.dim], dtype=np.int64)
+    return dims
+
+
+def _fold_shapes(model: onnx.ModelProto) -> None:
+    """Fold every shape computation that is constant once the exported input dims are fixed: a Shape whose dims
+    are all static, or a Gather/Slice of a Shape that picks only static dims (x.shape[2] under a dynamic batch),
+    becomes a constant and constant folding finishes the arithmetic behind it; repeated, since a folded Pad
+    makes the next layer's shape static. Whatever Python computed the shape (TF 'same' padding from x.shape),
+    the convs then see constant pads, and a dim left symbolic at export (the batch) keeps its arithmetic."""
+    graph = model.graph
+    while True:
+        _fold_constants(graph)
+        dims, known = _static_dims(model), {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        shapes = {}
+        for node in graph.node:
+            if node.op_type == "Shape" and node.input[0] in dims:
+                attrs = {a.name: a.i for a in node.attribute}
+                shapes[node.output[0]] = dims[node.input[0]][attrs.get("start", 0):attrs.get("end")]
+        folded = {}
+        for node in graph.node:
+            if node.op_type in ("Gather", "Slice") and node.input[0] in shapes \
+                    and all(i in known or i == "" for i in node.input[1:]):
+                folded[node.output[0]] = _run_node(node, {**known, node.input[0]: shapes[node.input[0]]})[0]
+        folded.update(shapes)
+        folded = {name: value for name, value in folded.items() if np.all(value != UNKNOWN)}
+        if not folded:
+            break
+        graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in folded.items())
+        kept = [n for n in graph.node if not set(n.output) <= set(folded)]
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove the nodes and initializers no graph output depends on (the Shape nodes whose users were folded,
+    the pads of the Pads merged into convs)."""
+    used = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if used & set(node.output):
+            kept.append(node)
+            used.update(_inputs(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
 
 
 def _fold_pads(graph: onnx.GraphProto) -> None:
@@ -116,8 +196,9 @@ def fused_model(qmodel, input_data, input_names=None, output_names=None,
         torch.onnx.export(model, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
     onnx_model = onnx.load_from_string(buffer.getvalue())
-    _fold_constants(onnx_model.graph)
+    _fold_shapes(onnx_model)
     _fold_pads(onnx_model.graph)
+    _drop_unused(onnx_model.graph)
     digests = {}
     for name, layer in layers.items():
         weight = layer.layer.weight.detach().cpu().numpy()
