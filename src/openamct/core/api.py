@@ -16,7 +16,17 @@ from torch import nn
 from tqdm import tqdm
 
 from . import log
-from .capture import ModelInfo, capture, check_finite, fold_bn, fusions, layer_groups, set_module, weight_axis
+from .capture import (
+    ModelInfo,
+    capture,
+    check_finite,
+    fold_bn,
+    fusions,
+    layer_groups,
+    output_site,
+    set_module,
+    weight_axis,
+)
 from .config import (
     ConfigError,
     LayerConfig,
@@ -97,10 +107,13 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
         quantizer(info.input_tensor[name], name, info.input_bounds.get(name))
     for name in enabled:
         layer = qmodel.get_submodule(name)
-        output = info.bn_output[pairs[name]] if name in pairs else info.output_tensor[name]
-        wants_output = output in info.adds
+        output, bounds, readers = output_site(info, info.bn_output[pairs[name]] if name in pairs
+                                              else info.output_tensor[name])
+        # the output is quantized where something other than a quantized layer reads it (an add, hardswish, a
+        # pooling, ...): without a quantize after it ONNX Runtime runs the layer in float (DQ -> Conv -> float)
+        wants_output = bool(readers) and output not in quantizers
         wrapped = make_layer(layer, name, quantizers[info.input_tensor[name]], weight_axis(layer),
-                             quantizer(output, name) if wants_output else None)
+                             quantizer(output, name, bounds) if wants_output else None)
         set_module(qmodel, name, wrapped)
     parameter = next(model.parameters(), None)
     if parameter is not None:

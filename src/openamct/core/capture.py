@@ -6,7 +6,7 @@ This works on models that FX cannot trace (data-dependent Python, EfficientNet-s
 not depend on the config: one pass serves checking a config's names and building the calibration model.
 """
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +58,7 @@ class ModelInfo:
     output_tensor: dict = field(default_factory=dict)  # layer name -> id of its output
     bn_output: dict = field(default_factory=dict)     # foldable bn name -> id of its output
     adds: set = field(default_factory=set)           # ids of tensors that an elementwise add consumes
+    consumers: dict = field(default_factory=dict)    # tensor id -> [(function, output id, clip bounds or None)]
 
 
 def clip_bounds(func, args, kwargs) -> tuple[float, float] | None:
@@ -85,6 +86,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.uses = Counter()
         self.adds = set()
+        self.consumers = defaultdict(list)
         self.bounds = {}
         self.keep = []  # holds every tensor so that ids stay unique during the pass
 
@@ -92,16 +94,17 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
+        bounds = clip_bounds(func, args, kwargs) if isinstance(out, torch.Tensor) else None
         if name not in _NOT_USES:
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     self.uses[id(t)] += 1
                     self.keep.append(t)
+                    self.consumers[id(t)].append((name, id(out), bounds))
                     if name in _ADDS:
                         self.adds.add(id(t))
         if isinstance(out, torch.Tensor):
             self.keep.append(out)
-            bounds = clip_bounds(func, args, kwargs)
             if bounds is not None:
                 self.bounds[id(out)] = bounds
             elif id(out) in self.bounds:  # ids are never reused here, so this is an in-place change
@@ -203,7 +206,23 @@ def capture(model: nn.Module, input_data) -> ModelInfo:
         info.output_tensor[name] = calls[name][1]
     info.bn_output = {bn_name: calls[bn_name][1] for bn_name in info.bn_pairs.values()}
     info.adds = recorder.adds
+    info.consumers = dict(recorder.consumers)
     return info
+
+
+def output_site(info: ModelInfo, tensor_id: int) -> tuple[int, tuple | None, list]:
+    """Where a layer's output would be quantized: (the tensor, the clipping it has passed through or None, the
+    functions that read it). The output is followed through clamping activations (ReLU, ReLU6, hardtanh, clamp)
+    while such an activation is its only reader, in place or not, because ONNX Runtime fuses them into the
+    integer kernel's output (QLinearConv requantizes after them); the quantizer goes after the last one."""
+    bounds = None
+    readers = list(info.consumers.get(tensor_id, ()))
+    while readers and readers[0][2] is not None and (readers[0][1] == tensor_id or len(readers) == 1):
+        name, out, clip = readers.pop(0)
+        bounds = clip if bounds is None else (max(bounds[0], clip[0]), min(bounds[1], clip[1]))
+        if out != tensor_id:  # not in place: the clip's output is the tensor from here on
+            tensor_id, readers = out, list(info.consumers.get(out, ()))
+    return tensor_id, bounds, [reader[0] for reader in readers]
 
 
 def fold_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> bool:

@@ -7,6 +7,7 @@ and, where GPTQ runs, the Hessian of its kernel's input. `finish_weights` then r
 replace the float ones. Once calibrated, the layer computes as the deployed model does (`_integer_forward`).
 """
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,8 @@ from .simulation import Accumulator, active_mode
 @dataclass(frozen=True)
 class LayerRecord:
     """A calibrated layer's quantization parameters: what the record file holds and the exported models use.
-    `scale_o`/`offset_o`: the output's, where it feeds an elementwise add; `nuq_levels`: the NUQ codebook(s);
+    `scale_o`/`offset_o`: the output's (after the ReLU/clip that follows the layer), where something other than a
+    quantized layer reads it; `nuq_levels`: the NUQ codebook(s);
     `tensor_balance_factor`: the DMQ factors the layer's input is divided by (algorithms/dmq.py)."""
     scale_d: float
     offset_d: int
@@ -222,9 +224,9 @@ def finish_weights(layers: list) -> None:
 class QuantLayer(nn.Module):
     """`layer` (BN already folded) run on fake-quantized input and weights through its own forward.
 
-    `output_quantizer` is set when the output feeds an elementwise add: quantizing it lets the runtime run both
-    the layer and the add on integers.
-    """
+    `output_quantizer`: where something other than a quantized layer reads the output (api.prepare), as the
+    runtime needs a quantize after the layer to run it on integers. It follows the ReLU/clip after the layer (its
+    `bounds`), applied here first so that it observes and requantizes what the fused integer kernel outputs."""
 
     collects_statistics = True  # input moments and GPTQ's Hessian for finish_weights (QAT: not needed)
 
@@ -323,7 +325,12 @@ class QuantLayer(nn.Module):
                 y = functional_call(self.layer, weights, (xq,))
         else:
             y = self._integer_forward(self.input_quantizer(x))
-        return self.output_quantizer(y) if self.output_quantizer is not None else y
+        if self.output_quantizer is None:
+            return y
+        low, high = self.output_quantizer.bounds
+        if low > -math.inf or high < math.inf:  # the ReLU/clip after the layer, which the quantizer follows
+            y = torch.clamp(y, low, high)
+        return self.output_quantizer(y)
 
     def _calibration_weight(self) -> torch.Tensor:
         """The weight the calibration forward runs with: the best guess of the deployed one, so that the layers

@@ -121,6 +121,21 @@ def _clipped_source(tensor: str, producers: dict, inits: dict, accumulators: dic
     return accumulators[node.output[0]] + (low, high)
 
 
+def output_site(node: onnx.NodeProto, readers: dict, inits: dict) -> str:
+    """The tensor a layer's output quantizer reads (core/capture.output_site): the layer's output (after the
+    bias Add that the exporter writes after a MatMul), followed through the Relu/Clip nodes that are its only
+    reader (`readers`: tensor -> the nodes that read it), which ONNX Runtime fuses into the integer kernel."""
+    tensor = node.output[0]
+    bias = readers[tensor]
+    if node.op_type == "MatMul" and len(bias) == 1 and bias[0].op_type == "Add" and \
+            any(name in inits for name in bias[0].input):
+        tensor = bias[0].output[0]
+    while len(readers[tensor]) == 1 and readers[tensor][0].op_type in ("Relu", "Clip") and \
+            all(name in inits for name in readers[tensor][0].input[1:] if name):
+        tensor = readers[tensor][0].output[0]
+    return tensor
+
+
 def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy: bool) -> onnx.ModelProto:
     """The deploy (deploy=True) or fake-quant model for the fused model (left unchanged) and its record.
 
@@ -134,6 +149,10 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
     nodes = {n.name: n for n in graph.node}
     added_nodes, new_inits, tensors, integer_inputs = [], [], {}, set()
     accumulators = {}  # fake-quant: a layer's output -> (its accumulator tensor, grid shaped for it)
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
 
     def const(name, array):
         new_inits.append(numpy_helper.from_array(np.asarray(array), name))
@@ -153,7 +172,8 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
             node.input[0] = f"{layer}.balanced"
         tensors.setdefault(node.input[0], (f"{layer}.quant", rec.scale_d, rec.offset_d, entry["act_bits"]))
         if rec.scale_o is not None:
-            tensors.setdefault(node.output[0], (f"{layer}.quant_out", rec.scale_o, rec.offset_o, entry["act_bits"]))
+            tensors.setdefault(output_site(node, readers, inits),
+                               (f"{layer}.quant_out", rec.scale_o, rec.offset_o, entry["act_bits"]))
 
         scale_d = np.float32(rec.scale_d)
         scale_w = np.asarray(rec.scale_w, dtype=np.float32)
