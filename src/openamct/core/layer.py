@@ -7,7 +7,6 @@ and, where GPTQ runs, the Hessian of its kernel's input. `finish_weights` then r
 replace the float ones. Once calibrated, the layer computes as the deployed model does (`_integer_forward`).
 """
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -245,11 +244,11 @@ class QuantLayer(nn.Module):
         self._generator = None
         self._weight_cache = None  # (weight's storage and version, its fake-quantized value)
         self.override = None  # replaces forward while block reconstruction runs (core/reconstruction.py)
+        self.deploy_float = False  # set by the export where the INT8 kernel is the slower (onnx_export/fallback.py)
         self.register_buffer("balance", None)  # DMQ factors s: the input is divided by them (balance_input)
 
     def __getattr__(self, name):
-        """Attributes the wrapped layer has (in_features, stride, ...) read through, so model code that uses them
-        keeps working after the swap."""
+        """Attributes of the wrapped layer (in_features, stride, ...) read through: model code that uses them works."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -323,14 +322,13 @@ class QuantLayer(nn.Module):
                 self._observe(x, kernel.call if kernel else None)
             else:
                 y = functional_call(self.layer, weights, (xq,))
+        elif self.deploy_float:  # deployed with float weights, being faster so (onnx_export/fallback.py)
+            y = self.layer(self.input_quantizer(x))
         else:
             y = self._integer_forward(self.input_quantizer(x))
         if self.output_quantizer is None:
             return y
-        low, high = self.output_quantizer.bounds
-        if low > -math.inf or high < math.inf:  # the ReLU/clip after the layer, which the quantizer follows
-            y = torch.clamp(y, low, high)
-        return self.output_quantizer(y)
+        return self.output_quantizer(torch.clamp(y, *self.output_quantizer.bounds))  # the ReLU/clip it follows
 
     def _calibration_weight(self) -> torch.Tensor:
         """The weight the calibration forward runs with: the best guess of the deployed one, so that the layers

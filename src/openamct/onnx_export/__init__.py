@@ -9,29 +9,56 @@ import os
 import torch
 
 from ..core import log
-from ..core.api import is_calibrated, records
+from ..core.api import is_calibrated, quant_layers, records
 from ..core.fileio import write_bytes
-from . import parity
+from . import fallback, parity
 from .fused import fused_model
 from .packed import write_nuq_weights
 from .qdq import build_quantized
 
+FALLBACKS = ("measure", "never")
 
-def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmodel=None, sample=None) -> dict:
+
+def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallback: str = "measure",
+                 float_layers=()) -> dict:
+    """Layer -> why the deploy model keeps it float: `float_layers` (forced by the user) and, with
+    `float_fallback="measure"`, those whose INT8 kernel ONNX Runtime runs slower than float (fallback.py);
+    "never": every other quantized layer runs on integers. Logged in the coverage report."""
+    if float_fallback not in FALLBACKS:
+        raise ValueError(f"float_fallback must be one of {FALLBACKS}, not {float_fallback!r}")
+    unknown = sorted(set(float_layers) - set(mapping))
+    if unknown:
+        raise ValueError(f"float_layers: no quantized layer named {unknown}")
+    reasons = {name: "float_layers names it" for name in float_layers}
+    if float_fallback == "measure":
+        arrays = None if sample is None else [t.detach().cpu().numpy() for t in sample if isinstance(t, torch.Tensor)]
+        measured = fallback.float_layers(fused, mapping, layer_records, arrays)
+        reasons.update((name, why) for name, why in measured.items() if name not in reasons)
+    for name, why in reasons.items():
+        log.info(f"  {name}: deployed in float: {why}", "Coverage")
+    return reasons
+
+
+def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmodel=None, sample=None, *,
+                 float_fallback: str = "measure", float_layers=()) -> dict:
     """Write `<save_path>_deploy_model.onnx`, `<save_path>_fake_quant_model.onnx` (and, with NUQ layers,
     `<save_path>_nuq_weights.npz`) from the fused model and the records; with `qmodel` check their parity with it
-    on `sample` (a tuple of model inputs). `layer_records` holds every layer of `mapping`. Returns {"paths",
-    "parity", "weight_bytes"}."""
+    on `sample` (a tuple of model inputs), its layers kept float as deployed. `layer_records` holds every layer of
+    `mapping`; `float_fallback`, `float_layers`: see deploy_float. Returns {"paths", "parity", "weight_bytes",
+    "float_layers"}."""
+    floats = deploy_float(fused, mapping, layer_records, sample, float_fallback, float_layers)
     directory, prefix = os.path.split(save_path)
     stem = f"{prefix}_" if prefix else ""
     paths = {kind: os.path.join(directory or ".", f"{stem}{kind}_model.onnx") for kind in ("deploy", "fake_quant")}
-    models = {kind: build_quantized(fused, mapping, layer_records, deploy=kind == "deploy") for kind in paths}
+    models = {kind: build_quantized(fused, mapping, layer_records, kind == "deploy", floats) for kind in paths}
     for kind, path in paths.items():
         write_bytes(path, models[kind].SerializeToString())
         log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
-    report = {"paths": paths, "parity": None,
+    report = {"paths": paths, "parity": None, "float_layers": floats,
               "weight_bytes": write_nuq_weights(fused, mapping, layer_records, directory, stem, paths)}
     if qmodel is not None:
+        for name, layer in quant_layers(qmodel).items():
+            layer.deploy_float = name in floats
         report["parity"] = parity.check(models, mapping, qmodel, sample)
         for kind, result in report["parity"].items():
             message = f"Parity of {parity.describe(kind, result)}"
@@ -40,14 +67,18 @@ def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmod
 
 
 def export(qmodel: torch.nn.Module, save_path: str, input_data, *, input_names=None, output_names=None,
-           dynamic_axes=None, check: bool = True) -> dict:
+           dynamic_axes=None, check: bool = True, float_fallback: str = "measure", float_layers=()) -> dict:
     """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` of a calibrated model and
-    (unless `check` is false) check their parity with it on `input_data`; returns the paths and the parity report."""
+    (unless `check` is false) check their parity with it on `input_data`; returns the paths, the parity report and
+    the layers deployed float. `float_fallback`: "measure" (default) keeps float the layers whose INT8 kernel
+    ONNX Runtime runs slower on `input_data`'s shapes, "never" none; `float_layers`: layers deployed float
+    regardless. When checked, the calibrated model computes as deployed afterwards."""
     if not is_calibrated(qmodel):
         raise RuntimeError("export: the model is not calibrated; run calibrate()/convert() first")
     fused, mapping = fused_model(qmodel, input_data, input_names, output_names, dynamic_axes)
     sample = input_data if isinstance(input_data, tuple) else (input_data,)
-    return write_models(fused, mapping, records(qmodel), save_path, qmodel if check else None, sample)
+    return write_models(fused, mapping, records(qmodel), save_path, qmodel if check else None, sample,
+                        float_fallback=float_fallback, float_layers=float_layers)
 
 
 __all__ = ["export", "write_models"]

@@ -121,6 +121,18 @@ def _clipped_source(tensor: str, producers: dict, inits: dict, accumulators: dic
     return accumulators[node.output[0]] + (low, high)
 
 
+_WEIGHT_QUANTIZED_BY_ORT = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _input_channels(node: onnx.NodeProto, weight: np.ndarray) -> int:
+    """The channels (dim 1) of a Conv / ConvTranspose / Gemm node's input."""
+    if node.op_type == "Conv":
+        return weight.shape[1] * next((a.i for a in node.attribute if a.name == "group"), 1)
+    if node.op_type == "Gemm":
+        return weight.shape[1 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 0]
+    return weight.shape[0]
+
+
 def output_site(node: onnx.NodeProto, readers: dict, inits: dict) -> str:
     """The tensor a layer's output quantizer reads (core/capture.output_site): the layer's output (after the
     bias Add that the exporter writes after a MatMul), followed through the Relu/Clip nodes that are its only
@@ -136,11 +148,14 @@ def output_site(node: onnx.NodeProto, readers: dict, inits: dict) -> str:
     return tensor
 
 
-def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy: bool) -> onnx.ModelProto:
+def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy: bool,
+                    float_layers=()) -> onnx.ModelProto:
     """The deploy (deploy=True) or fake-quant model for the fused model (left unchanged) and its record.
 
     Each quantized tensor gets one quantize/dequantize chain and *all* its consumers read the dequantized value
-    (as in the PyTorch simulation), so e.g. a residual add sees integers on both inputs.
+    (as in the PyTorch simulation), so e.g. a residual add sees integers on both inputs. The layers in
+    `float_layers` keep float weights (fallback.py): their input and output stay quantized, so their neighbours
+    still run on integers.
     """
     model = onnx.ModelProto()
     model.CopyFrom(fused)
@@ -149,6 +164,7 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
     nodes = {n.name: n for n in graph.node}
     added_nodes, new_inits, tensors, integer_inputs = [], [], {}, set()
     accumulators = {}  # fake-quant: a layer's output -> (its accumulator tensor, grid shaped for it)
+    float_inputs = []  # deploy: (layer, node, input tensor, its channels) of the layers kept float
     readers = defaultdict(list)
     for node in graph.node:
         for name in node.input:
@@ -174,6 +190,10 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
         if rec.scale_o is not None:
             tensors.setdefault(output_site(node, readers, inits),
                                (f"{layer}.quant_out", rec.scale_o, rec.offset_o, entry["act_bits"]))
+        if layer in float_layers:
+            if deploy and node.op_type in _WEIGHT_QUANTIZED_BY_ORT:
+                float_inputs.append((layer, node, node.input[0], _input_channels(node, weight)))
+            continue
 
         scale_d = np.float32(rec.scale_d)
         scale_w = np.asarray(rec.scale_w, dtype=np.float32)
@@ -231,6 +251,15 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
             if node.name in integer_inputs and node.input[0] == f"{tag}.dq":
                 node.input[0] = f"{tag}.codes"
         added_nodes.extend(_quant_nodes(tensor, tag, scale, offset, bits, deploy, const, requantize))
+    for layer, node, tensor, channels in float_inputs:
+        # ORT quantizes the float weight of a Conv/Gemm that reads a per-tensor DequantizeLinear
+        # (WeightBiasQuantization); the same dequantization written per channel keeps the layer float
+        tag, scale, offset, bits = tensors[tensor]
+        zero = np.full(channels, offset - qrange(bits)[0], np.uint8)
+        added_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.q", const(f"{layer}.float_scale", np.full(
+            channels, scale, np.float32)), const(f"{layer}.float_zero_point", zero)], [f"{layer}.float_input"],
+                                            name=f"{layer}.float_input", axis=1))
+        node.input[0] = f"{layer}.float_input"
 
     nodes = list(graph.node) + added_nodes  # a clip left unread by the requantization stays, for parity probes
     used = {name for node in nodes for name in node.input}

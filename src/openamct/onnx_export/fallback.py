@@ -1,0 +1,159 @@
+"""Never slower than float: which quantized layers the deploy model keeps in float, because ONNX Runtime runs
+their INT8 kernel slower than the float one at the shapes the model was exported with.
+
+Decided by measuring, not from a list: each layer is timed in ONNX Runtime both ways, alone, between the INT8
+tensors its neighbours hand over (uint8 in, uint8 out): as QuantizeLinear/DequantizeLinear around it, which ORT
+fuses into QLinearConv / QGemm, and as DequantizeLinear -> the float layer -> QuantizeLinear, which is what the
+deploy model runs when the layer stays float (its input and output stay quantized, so its neighbours stay on
+integers). The times are cached on disk by op, attributes, shapes and thread count, so repeated exports are fast.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from ..core import log
+from ..core.primitives import qrange
+from .qdq import _WEIGHT_QUANTIZED_BY_ORT, OPSET, layer_codes
+
+MARGIN = 1.1  # float must be this much faster than INT8 to be kept: timing noise must not flip layers to float
+ROUNDS, SPAN = 7, 0.1  # timed runs of each form at least, and the seconds it runs for if 50 runs allow
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "openamct", "kernels.json")
+
+
+def tensor_shapes(fused: onnx.ModelProto, sample) -> dict:
+    """Tensor name -> static shape in the fused model for inputs shaped as `sample` (a tuple of arrays; None: the
+    model's own input dims, 1 where dynamic), by ONNX shape inference."""
+    model = onnx.ModelProto()
+    model.CopyFrom(fused)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    for index, graph_input in enumerate(inputs):
+        dims = graph_input.type.tensor_type.shape.dim
+        given = tuple(sample[index].shape) if sample is not None and index < len(sample) else None
+        for axis, dim in enumerate(dims):
+            size = given[axis] if given else (dim.dim_value or 1)
+            dim.Clear()
+            dim.dim_value = int(size)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = info.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def _layer_models(node: onnx.NodeProto, entry: dict, rec, inits: dict, shape: tuple) -> dict:
+    """The layer alone between uint8 tensors: {"int8": weights and bias through DequantizeLinear, "float": float
+    weights and bias}, both reading and writing quantized activations."""
+    weight = numpy_helper.to_array(inits[node.input[1]])
+    bias = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
+    scale_w = np.asarray(rec.scale_w, np.float32)
+    grid = np.float32(rec.scale_d) * scale_w
+    per_channel = {"axis": entry["axis"]} if scale_w.size > 1 else {}
+    scale_o, offset_o = (rec.scale_o, rec.offset_o) if rec.scale_o is not None else (rec.scale_d, rec.offset_d)
+    qmin = qrange(entry["act_bits"])[0]
+    models = {}
+    for form in ("int8", "float"):
+        consts = {"x.s": np.float32(rec.scale_d), "x.z": np.uint8(rec.offset_d - qmin),
+                  "y.s": np.float32(scale_o), "y.z": np.uint8(offset_o - qmin)}
+        nodes = [helper.make_node("DequantizeLinear", ["x", "x.s", "x.z"], ["x.dq"])]
+        if form == "float" and node.op_type in _WEIGHT_QUANTIZED_BY_ORT:  # as qdq.build_quantized: stays float
+            consts.update({"x.s": np.full(shape[1], rec.scale_d, np.float32),
+                           "x.z": np.full(shape[1], rec.offset_d - qmin, np.uint8)})
+            nodes[0].attribute.append(helper.make_attribute("axis", 1))
+        if form == "int8":
+            consts.update({"w.q": layer_codes(entry, rec, weight).astype(np.int8), "w.s": scale_w.squeeze(),
+                           "w.z": np.zeros(scale_w.shape, np.int8).squeeze()})
+            nodes.append(helper.make_node("DequantizeLinear", ["w.q", "w.s", "w.z"], ["w"], **per_channel))
+            if bias is not None:
+                consts.update({"b.q": np.round(bias / grid).astype(np.int32), "b.s": grid.squeeze(),
+                               "b.z": np.zeros(grid.shape, np.int32).squeeze()})
+                nodes.append(helper.make_node("DequantizeLinear", ["b.q", "b.s", "b.z"], ["b"],
+                                              **({"axis": 0} if scale_w.size > 1 else {})))
+        else:
+            consts["w"] = weight
+            if bias is not None:
+                consts["b"] = bias
+        layer = helper.make_node(node.op_type, ["x.dq", "w"] + (["b"] if bias is not None else []), ["y.f"])
+        layer.attribute.extend(node.attribute)
+        nodes += [layer, helper.make_node("QuantizeLinear", ["y.f", "y.s", "y.z"], ["y"])]
+        graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, shape)],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, None)],
+                                  [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+        models[form] = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return models
+
+
+def _time(models: dict, shape: tuple, threads: int) -> dict:
+    """Fastest run of each form, in ms: ROUNDS runs at least, more for a fast layer, until the form has run for
+    SPAN seconds (other processes on the cores slow single runs down, never speed them up). One form after the
+    other, not interleaved: the idle threads of one session spin for a while and would slow the other down."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    feed = {"x": np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)}
+    best = {}
+    for form, model in models.items():
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sess.run(None, feed)  # warm-up
+        times = []
+        while len(times) < ROUNDS or (sum(times) < SPAN and len(times) < 50):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - start)
+        best[form] = 1e3 * min(times)
+        del sess
+    return best
+
+
+def _key(node: onnx.NodeProto, inits: dict, shape: tuple, threads: int) -> str:
+    attributes = sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
+    weight = tuple(inits[node.input[1]].dims)
+    bias = len(node.input) > 2 and node.input[2] in inits
+    return json.dumps([ort.__version__, node.op_type, attributes, shape, weight, bias, threads or os.cpu_count()])
+
+
+def _read_cache() -> dict:
+    try:
+        with open(CACHE) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def float_layers(fused: onnx.ModelProto, mapping: dict, records: dict, sample, threads: int = 0) -> dict:
+    """Layer -> why it is deployed in float: those whose INT8 form ONNX Runtime runs more than MARGIN times
+    slower than its float form on the shapes of `sample` (see the module docstring)."""
+    inits = {i.name: i for i in fused.graph.initializer}
+    nodes = {n.name: n for n in fused.graph.node}
+    shapes = tensor_shapes(fused, sample)
+    cache, changed = _read_cache(), False
+    reasons = {}
+    for layer, entry in mapping.items():
+        node = nodes[entry["node"]]
+        shape = shapes.get(node.input[0])
+        if layer not in records or shape is None or node.input[1] not in inits:
+            continue
+        key = _key(node, inits, shape, threads)
+        if key not in cache:
+            cache[key] = _time(_layer_models(node, entry, records[layer], inits, shape), shape, threads)
+            changed = True
+        times = cache[key]
+        if times["int8"] > MARGIN * times["float"]:
+            reasons[layer] = (f"ONNX Runtime runs its INT8 kernel slower than float on input {list(shape)}: "
+                              f"{times['int8']:.3g} ms against {times['float']:.3g} ms")
+    if changed:
+        try:
+            os.makedirs(os.path.dirname(CACHE), exist_ok=True)
+            with open(CACHE, "w") as f:
+                json.dump(cache, f)
+        except OSError as err:
+            log.warning(f"Kernel timings not cached ({err}).", "Coverage")
+    return reasons

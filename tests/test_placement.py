@@ -1,0 +1,126 @@
+"""Q/DQ placement for speed (issue 20 items 2 and 3): a quantized layer's output is quantized wherever something
+other than a quantized layer reads it, after the ReLU/clip ONNX Runtime fuses into the integer kernel, so every
+conv runs as QLinearConv; a layer whose INT8 kernel ORT runs slower than float is deployed float, and says so."""
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_export import optimized_ops
+from torch import nn
+
+import openamct
+from openamct.core.api import quant_layers
+from openamct.onnx_export import fallback
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from zoo_models import ZOO
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(fallback, "CACHE", str(tmp_path / "kernels.json"))
+
+
+def calibrated(model, batches):
+    config = openamct.default_config(model, batches[0])
+    return openamct.quantize(model, config, lambda q: [q(*b) if isinstance(b, tuple) else q(b) for b in batches],
+                             batches[0])
+
+
+class Heads(nn.Module):
+    """conv -> ReLU -> max pool; conv -> hardswish; conv -> ReLU -> conv; conv -> ReLU6 -> mean -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.d, self.e, self.fc = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 16, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.a(x)), 2)
+        x = self.d(F.relu(self.c(F.hardswish(self.b(x)))))
+        return self.fc(F.relu6(self.e(x)).mean((2, 3)))
+
+
+def test_output_quantized_where_a_non_quantized_op_reads_it(tmp_path):
+    torch.manual_seed(0)
+    model = Heads().eval()
+    qmodel = calibrated(model, [torch.randn(4, 3, 16, 16) for _ in range(2)])
+    layers = quant_layers(qmodel)
+    bounds = {name: layer.output_quantizer.bounds if layer.output_quantizer is not None else None
+              for name, layer in layers.items()}
+    inf = float("inf")
+    # a: after its ReLU (max pool reads it); b: its own output (hardswish); c: read by d only; d: hardswish-free
+    # output read by e? no: d's output is e's input; e: after ReLU6 (the mean); fc: the model's output
+    assert bounds == {"a": (0.0, inf), "b": (-inf, inf), "c": None, "d": None, "e": (0.0, 6.0), "fc": None}
+    report = openamct.export(qmodel, str(tmp_path / "heads"), torch.randn(8, 3, 16, 16), float_fallback="never")
+    assert all(result["ok"] for result in report["parity"].values()), report["parity"]
+    assert report["parity"]["fake_quant"]["max_abs_diff"] == 0
+    ops = Counter(optimized_ops(report["paths"]["deploy"], tmp_path))
+    assert ops["QLinearConv"] == 5 and not {"Conv", "FusedConv"} & set(ops), ops
+
+
+def test_tiny_mobilenet_v3_every_conv_runs_on_integers(tmp_path):
+    """Hardswish and the squeeze-excite's hardsigmoid * mul no longer leave the convs before them float."""
+    torch.manual_seed(1)
+    zoo = ZOO["mobilenet_v3"]
+    model = zoo.build("tiny")
+    qmodel = calibrated(model, [zoo.example(4, "tiny") for _ in range(2)])
+    report = openamct.export(qmodel, str(tmp_path / "mnv3"), zoo.example(8, "tiny"), float_fallback="never")
+    assert all(result["ok"] for result in report["parity"].values()), report["parity"]
+    assert report["parity"]["fake_quant"]["max_abs_diff"] == 0
+    ops = Counter(optimized_ops(report["paths"]["deploy"], tmp_path))
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert ops["QLinearConv"] == convs and ops["QGemm"] == 1 and not {"Conv", "FusedConv", "Gemm"} & set(ops), ops
+
+
+def test_layer_slower_on_int8_is_deployed_float_and_reported(tmp_path, monkeypatch):
+    """A layer ORT runs slower on INT8 than in float (here the 3x3x3 Conv3d, its timing made deterministic) is
+    deployed float, the report says why, the simulation computes as deployed; the timing is cached, and
+    float_fallback="never" keeps every layer on integers."""
+    timed = []
+
+    def timer(models, shape, threads):
+        timed.append(shape)
+        return {"int8": 2.0, "float": 1.0} if len(shape) == 5 else {"int8": 1.0, "float": 2.0}
+
+    monkeypatch.setattr(fallback, "_time", timer)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(2), nn.Conv1d(8, 8, 3)).eval()
+    x = torch.randn(2, 4, 4, 8, 8)
+    qmodel = calibrated(model, [x])
+    report = openamct.export(qmodel, str(tmp_path / "video"), x)
+    assert report["float_layers"] == {"0": "ONNX Runtime runs its INT8 kernel slower than float on input "
+                                           "[2, 4, 4, 8, 8]: 2 ms against 1 ms"}
+    assert all(result["ok"] for result in report["parity"].values()), report["parity"]
+    assert [name for name, layer in quant_layers(qmodel).items() if layer.deploy_float] == ["0"]
+    ops = optimized_ops(report["paths"]["deploy"], tmp_path)
+    assert "QLinearConv" not in ops and ops.count("Conv") + ops.count("FusedConv") == 2, ops
+    again = openamct.export(qmodel, str(tmp_path / "again"), x)
+    assert again["float_layers"] == report["float_layers"] and len(timed) == 2  # the second export: cached
+    forced = openamct.export(qmodel, str(tmp_path / "forced"), x, float_fallback="never")
+    assert forced["float_layers"] == {} and not any(layer.deploy_float for layer in quant_layers(qmodel).values())
+    assert optimized_ops(forced["paths"]["deploy"], tmp_path).count("QLinearConv") == 1  # the last: float output
+
+
+def test_kernel_timing_runs_both_forms(tmp_path):
+    """The real timer: both forms of a layer run in ORT and take a positive time."""
+    torch.manual_seed(0)
+    qmodel = calibrated(nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), [torch.randn(2, 3, 8, 8)])
+    openamct.export(qmodel, str(tmp_path / "one"), torch.randn(2, 3, 8, 8), check=False)
+    times = list(fallback._read_cache().values())
+    assert len(times) == 1 and set(times[0]) == {"int8", "float"} and min(times[0].values()) > 0
+
+
+def test_float_layers_forces_a_layer_float(tmp_path):
+    torch.manual_seed(0)
+    qmodel = calibrated(Heads().eval(), [torch.randn(4, 3, 16, 16)])
+    report = openamct.export(qmodel, str(tmp_path / "heads"), torch.randn(4, 3, 16, 16), float_fallback="never",
+                             float_layers=["c"])
+    assert report["float_layers"] == {"c": "float_layers names it"}
+    assert all(result["ok"] for result in report["parity"].values()), report["parity"]
+    assert Counter(optimized_ops(report["paths"]["deploy"], tmp_path))["QLinearConv"] == 4
+    with pytest.raises(ValueError, match="float_fallback"):
+        openamct.export(qmodel, str(tmp_path / "bad"), torch.randn(4, 3, 16, 16), float_fallback="auto")
