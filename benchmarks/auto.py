@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="accuracy-vs-size plot (default OUT/tradeoff.png)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the searches' progress
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     images, labels = load(args.data)
