@@ -20,7 +20,7 @@ from ..core import log
 from ..core.primitives import qrange
 from .qdq import _WEIGHT_QUANTIZED_BY_ORT, OPSET, layer_codes
 
-MARGIN = 1.1  # float must be this much faster than INT8 to be kept: timing noise must not flip layers to float
+MARGIN, GAIN = 1.1, 0.05  # float must be 10% and 0.05 ms faster than INT8: timing noise must not flip layers
 ROUNDS, SPAN = 7, 0.1  # timed runs of each form at least, and the seconds it runs for if 50 runs allow
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "openamct", "kernels.json")
 
@@ -128,9 +128,13 @@ def _read_cache() -> dict:
         return {}
 
 
+def _slower(times: dict) -> bool:
+    return times["int8"] > max(MARGIN * times["float"], times["float"] + GAIN)
+
+
 def float_layers(fused: onnx.ModelProto, mapping: dict, records: dict, sample, threads: int = 0) -> dict:
-    """Layer -> why it is deployed in float: those whose INT8 form ONNX Runtime runs more than MARGIN times
-    slower than its float form on the shapes of `sample` (see the module docstring)."""
+    """Layer -> why it is deployed in float: those whose INT8 form ONNX Runtime runs slower than its float form,
+    by MARGIN and GAIN, on the shapes of `sample` (see the module docstring)."""
     inits = {i.name: i for i in fused.graph.initializer}
     nodes = {n.name: n for n in fused.graph.node}
     shapes = tensor_shapes(fused, sample)
@@ -143,10 +147,14 @@ def float_layers(fused: onnx.ModelProto, mapping: dict, records: dict, sample, t
             continue
         key = _key(node, inits, shape, threads)
         if key not in cache:
-            cache[key] = _time(_layer_models(node, entry, records[layer], inits, shape), shape, threads)
+            models = _layer_models(node, entry, records[layer], inits, shape)
+            cache[key] = _time(models, shape, threads)
+            if _slower(cache[key]):  # confirmed by a second timing before it is kept: a busy core misleads one
+                again = _time(models, shape, threads)
+                cache[key] = {form: min(cache[key][form], again[form]) for form in again}
             changed = True
         times = cache[key]
-        if times["int8"] > MARGIN * times["float"]:
+        if _slower(times):
             reasons[layer] = (f"ONNX Runtime runs its INT8 kernel slower than float on input {list(shape)}: "
                               f"{times['int8']:.3g} ms against {times['float']:.3g} ms")
     if changed:
