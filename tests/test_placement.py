@@ -58,6 +58,17 @@ def test_output_quantized_where_a_non_quantized_op_reads_it(tmp_path):
     report = openamct.export(qmodel, str(tmp_path / "heads"), torch.randn(8, 3, 16, 16), float_fallback="never")
     assert all(result["ok"] for result in report["parity"].values()), report["parity"]
     assert report["parity"]["fake_quant"]["max_abs_diff"] == 0
+
+
+def test_a_layer_kept_float_reads_its_input_unquantized():
+    """AMCT's fallback: where the config keeps a layer float, the output feeding only it is not quantized."""
+    torch.manual_seed(0)
+    model = Heads().eval()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    config = openamct.default_config(model, batches[0], skip_layers=["d"])
+    layers = quant_layers(openamct.quantize(model, config, lambda q: [q(b) for b in batches], batches[0]))
+    assert "d" not in layers and layers["c"].output_quantizer is None
+    assert layers["b"].output_quantizer is not None  # hardswish still reads b: quantized as before
     ops = Counter(optimized_ops(report["paths"]["deploy"], tmp_path))
     assert ops["QLinearConv"] == 5 and not {"Conv", "FusedConv"} & set(ops), ops
 

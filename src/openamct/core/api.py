@@ -10,6 +10,7 @@ in a QuantLayer whose observers collect statistics on each forward. `convert` co
 parameters and turns the copy into the fake-quant simulation of the deployed INT8 model.
 """
 import copy
+from collections import Counter
 
 import torch
 from torch import nn
@@ -103,15 +104,19 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
         return quantizers[tensor_id]
 
     enabled = config.enabled()
+    # layers the config keeps float read their input unquantized (AMCT's fallback): a tensor only they read stays
+    # float, even though the layer writing it then runs in float in ONNX Runtime
+    float_readers = Counter(info.input_tensor[name] for name in info.layers
+                            if name not in enabled and name in info.input_tensor)
     for name in enabled:
         quantizer(info.input_tensor[name], name, info.input_bounds.get(name))
     for name in enabled:
         layer = qmodel.get_submodule(name)
         output, bounds, readers = output_site(info, info.bn_output[pairs[name]] if name in pairs
                                               else info.output_tensor[name])
-        # the output is quantized where something other than a quantized layer reads it (an add, hardswish, a
-        # pooling, ...): without a quantize after it ONNX Runtime runs the layer in float (DQ -> Conv -> float)
-        wants_output = bool(readers) and output not in quantizers
+        # the output is quantized where something other than a layer reads it (an add, hardswish, a pooling, ...):
+        # without a quantize after it ONNX Runtime runs the layer in float (DQ -> Conv -> float)
+        wants_output = len(readers) > float_readers[output] and output not in quantizers
         wrapped = make_layer(layer, name, quantizers[info.input_tensor[name]], weight_axis(layer),
                              quantizer(output, name, bounds) if wants_output else None)
         set_module(qmodel, name, wrapped)
