@@ -132,8 +132,7 @@ def test_mutated_record_is_parsed_or_refused_with_its_line(tmp_path_factory, dat
 
 
 @SETTINGS
-@given(field=st.sampled_from(["shift_bit: 3", "tensor_balance_factor: 0.5", "skip_fusion: true", 'dst_type: "INT4"',
-                              "scale_h: 0.1"]))
+@given(field=st.sampled_from(["shift_bit: 3", "skip_fusion: true", 'dst_type: "INT4"', "scale_h: 0.1"]))
 def test_record_fields_openamct_does_not_apply_are_refused(tmp_path_factory, field):
     path = tmp_path_factory.mktemp("record") / "record.txt"
     text = _record_text(path.parent).replace("scale_d: 0.5", f"scale_d: 0.5\n    {field}")

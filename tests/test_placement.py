@@ -19,11 +19,6 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from zoo_models import ZOO
 
 
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(fallback, "CACHE", str(tmp_path / "kernels.json"))
-
-
 def calibrated(model, batches):
     config = openamct.default_config(model, batches[0])
     return openamct.quantize(model, config, lambda q: [q(*b) if isinstance(b, tuple) else q(b) for b in batches],
@@ -116,6 +111,7 @@ def test_layer_slower_on_int8_is_deployed_float_and_reported(tmp_path, monkeypat
     assert optimized_ops(forced["paths"]["deploy"], tmp_path).count("QLinearConv") == 1  # the last: float output
 
 
+@pytest.mark.real_kernel_timing
 def test_kernel_timing_runs_both_forms(tmp_path):
     """The real timer: both forms of a layer run in ORT and take a positive time."""
     torch.manual_seed(0)

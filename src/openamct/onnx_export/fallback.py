@@ -17,6 +17,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ..core import log
+from ..core.fileio import write_text
 from ..core.primitives import qrange
 from .qdq import _WEIGHT_QUANTIZED_BY_ORT, OPSET, layer_codes
 
@@ -143,8 +144,8 @@ def float_layers(fused: onnx.ModelProto, mapping: dict, records: dict, sample, t
     for layer, entry in mapping.items():
         node = nodes[entry["node"]]
         shape = shapes.get(node.input[0])
-        if layer not in records or shape is None or node.input[1] not in inits:
-            continue
+        if layer not in records or shape is None or node.input[1] not in inits or records[layer].nuq_levels:
+            continue  # a NUQ layer stays on its codebook: its packed weights are what it was quantized for
         key = _key(node, inits, shape, threads)
         if key not in cache:
             models = _layer_models(node, entry, records[layer], inits, shape)
@@ -159,9 +160,7 @@ def float_layers(fused: onnx.ModelProto, mapping: dict, records: dict, sample, t
                               f"{times['int8']:.3g} ms against {times['float']:.3g} ms")
     if changed:
         try:
-            os.makedirs(os.path.dirname(CACHE), exist_ok=True)
-            with open(CACHE, "w") as f:
-                json.dump(cache, f)
+            write_text(CACHE, json.dumps(cache))  # atomically: exports running side by side share the file
         except OSError as err:
             log.warning(f"Kernel timings not cached ({err}).", "Coverage")
     return reasons
