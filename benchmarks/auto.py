@@ -127,8 +127,9 @@ def run_mixed(model, x, images, labels, fp32_final, max_drop: float, formats, ou
     row = {"search": f"mixed precision ({','.join(formats)}, max drop {max_drop})", "seconds": seconds,
            "evaluations": evaluator.calls, "trials": trials}
     if result.qmodel is not None:
-        chosen = next(t for t in reversed(trials) if t["ok"] and t["label"].startswith("path"))
+        chosen = next(t for t in trials if t["label"] == result.chosen)
         chosen["label"] += " (chosen)"
+        chosen["chosen"] = True
         chosen.update(gap_row(logits(evaluator.predictor(result.qmodel), images[FINAL], BATCH), fp32_final, labels))
         deploy = logits(evaluator.predictor(result.qmodel, "deploy"), images[FINAL], BATCH)
         row["chosen_deploy"] = gap_row(deploy, fp32_final, labels)

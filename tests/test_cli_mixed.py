@@ -52,9 +52,10 @@ def test_mixed_precision_chooses_formats_and_exports_them(searched):
     assert set(search["choice"]) == {"conv1", "dw", "pw", "fc"}
     assert set(search["choice"].values()) <= {"4", "8", "float"}
     labels = [t["label"] for t in search["trials"]]
-    assert labels[:3] == ["float", "uniform 8", "uniform 4"] and any(label.startswith("path") for label in labels)
-    chosen = [t for t in search["trials"] if t["label"].startswith("path") and t["ok"]]
-    assert chosen and chosen[-1]["drop"] <= 20 and search["size"] == chosen[-1]["size"]
+    assert labels[:3] == ["float", "uniform 8", "uniform 4"]
+    chosen = next(t for t in search["trials"] if t["label"] == search["chosen"])
+    assert chosen["ok"] and chosen["drop"] <= 20 and search["size"] == chosen["size"]
+    assert min(t["size"] for t in search["trials"] if t["ok"]) == chosen["size"]  # the smallest that meets it
     config = json.loads((searched / "tmp" / "config.json").read_text())
     for name, option in search["choice"].items():  # the config written is the one chosen
         assert config[name]["quant_enable"] == (option != "float")

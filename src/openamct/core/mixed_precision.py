@@ -13,14 +13,19 @@ at INT8.
 How:
 1. The model is calibrated once per quantized format, every layer that can take it in it (the others at INT8),
    and each of these uniform models is scored with `evaluate_fn` (the curve's reference points).
-2. Each layer's loss in each format is measured alone (sensitivity.layer_output_loss on a few calibration
-   samples): what that layer's quantization does to the network's output with every other layer float.
-3. Taking the losses as additive, the configurations of least predicted loss for their size lie on a path from
+2. Each layer's cost in each format is the change of the network's output loss against the float model
+   (sensitivity.py, on a few calibration samples) when that layer alone takes the format, measured among the
+   layers of the smallest uniform model that meets the target (or, with a budget, the smallest at least as large
+   as it): there a layer's cost includes how its error compounds with its quantized neighbours'. Measured alone,
+   among float layers, the costs add up to far less than the quantized network loses. Where no uniform model meets
+   the target, they are measured alone all the same.
+3. Taking these changes as additive, the configurations of least predicted loss for their size lie on a path from
    all-float to all-smallest: each layer's formats on the lower convex hull of its (bytes, loss) points, the
    steps of all layers taken in order of loss added per byte saved (the Lagrangian of the multiple-choice knapsack).
 4. The path is checked with `evaluate_fn` on properly calibrated models: with `max_drop`, a binary search for the
-   smallest configuration whose drop from the float model is within it (about log2 of the path's length trials);
-   with `size_budget`, the least-loss configuration within the budget.
+   smallest configuration whose drop from the float model is within it, among those smaller than the uniform
+   model that meets it (which is chosen where none does; about log2 of the path's length trials); with
+   `size_budget`, the least-loss configuration within the budget.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from .api import calibrate, default_config, prepare, quant_layers
 from .capture import capture
 from .config import NUQ_TYPES, ConfigError, QuantConfig
 from .reconstruction import float_parameters
-from .sensitivity import SampleRecorder, layer_output_loss
+from .sensitivity import SampleRecorder, layer_output_loss, swap_losses
 
 
 def parse_option(option: str) -> str:
@@ -135,8 +140,20 @@ class MixedPrecision:
     config: QuantConfig | None
     original_metric: float
     trials: list = field(default_factory=list)
-    losses: dict = field(default_factory=dict)  # layer -> {format: output loss alone}
+    losses: dict = field(default_factory=dict)  # layer -> {format: its output loss (see the module docstring)}
+    chosen: str = ""  # the label of the chosen configuration's trial
     sizes: dict = field(default_factory=dict)   # layer -> {format: weight bytes}
+
+
+def _context(uniform: dict, ratio, original: float, max_drop, size_budget) -> str | None:
+    """The uniform format the layers are measured among: the smallest that meets `max_drop`, or the smallest at
+    least `size_budget` large (the largest quantized format where none is), so that the configurations the search
+    ends near are measured in about their own context. None (measured alone) where no uniform model meets
+    `max_drop`: around a model that misses the target, one layer's change is lost in the error that misses it."""
+    by_size = sorted(uniform, key=lambda option: ratio(uniform[option][1]))
+    if max_drop is not None:
+        return next((option for option in by_size if original - uniform[option][3] <= max_drop), None)
+    return next((option for option in by_size if ratio(uniform[option][1]) >= size_budget), by_size[-1])
 
 
 def _calibrated(model, config, calibrate_fn, input_data, samples: SampleRecorder | None = None):
@@ -187,23 +204,39 @@ def mixed_precision(model: nn.Module, input_data, calibrate_fn, evaluate_fn, *, 
     result.trials.append(Trial("float", ratio(dict.fromkeys(candidates, "float")), 0.0, original, 0.0, True,
                                time.perf_counter() - started))
     samples = SampleRecorder()
-    losses = {name: {"float": 0.0} for name in candidates}
+    uniform = {}  # format -> (calibrated model, its choice, its float weights, its metric)
     for option in options:
         started = time.perf_counter()
         choice = {name: option if option in formats[name] else "8" for name in candidates}
         qmodel, floats = _calibrated(model, with_formats(base_config, choice), calibrate_fn, input_data,
                                      samples if not samples.batches else None)
         metric = float(evaluate_fn(qmodel))
-        names = [name for name in candidates if option in formats[name]]
-        alone = layer_output_loss(qmodel, floats, samples.batches, names, desc=f"sensitivity {option}")
-        for name, loss in alone.items():
-            losses[name][option] = loss
+        uniform[option] = (qmodel, choice, floats, metric)
         result.trials.append(Trial(f"uniform {option}", ratio(choice), None, metric, original - metric,
                                    None if max_drop is None else original - metric <= max_drop,
                                    time.perf_counter() - started))
         log.info(f"Mixed precision: every layer at {option} (where it applies) scores {metric:.4g}, "
                  f"size {ratio(choice):.3f} of INT8.", "MixedPrecision")
-        del qmodel
+    context = _context(uniform, ratio, original, max_drop, size_budget)
+    if context is None:
+        losses = {name: {"float": 0.0} for name in candidates}
+        for option, (qmodel, _, floats, _) in uniform.items():
+            names = [name for name in candidates if option in formats[name]]
+            for name, loss in layer_output_loss(qmodel, floats, samples.batches, names,
+                                                desc=f"sensitivity {option}").items():
+                losses[name][option] = loss
+    else:
+        qmodel, choice, floats, _ = uniform[context]
+        log.info(f"Mixed precision: each layer's formats measured among the others at {context}.", "MixedPrecision")
+        alternatives = {name: {option: "float" if option == "float" else quant_layers(uniform[option][0])[name]
+                               for option in formats[name] if option != choice[name]} for name in candidates}
+        losses = swap_losses(qmodel, floats, alternatives, model, samples.batches,
+                             desc=f"sensitivity among {context}")
+        for name in candidates:
+            losses[name][choice[name]] = 0.0
+    anchor = (uniform[context][0], uniform[context][1], f"uniform {context}") \
+        if context is not None and max_drop is not None else None
+    del uniform, qmodel
     result.losses = losses
     path = tradeoff_path(losses, sizes)
 
@@ -221,7 +254,7 @@ def mixed_precision(model: nn.Module, input_data, calibrate_fn, evaluate_fn, *, 
         log.info(f"Mixed precision: path step {index} of {len(path) - 1}, size {ratio(choice):.3f} of INT8, "
                  f"predicted loss {predicted(choice):.4g}: scores {metric:.4g} (drop {original - metric:.4g})"
                  + ("" if ok else ", over the target"), "MixedPrecision")
-        return (qmodel, choice) if ok else None
+        return (qmodel, choice, f"path {index}/{len(path) - 1}") if ok else None
 
     if size_budget is not None:
         fitting = [i for i, choice in enumerate(path) if ratio(choice) <= size_budget]
@@ -229,20 +262,18 @@ def mixed_precision(model: nn.Module, input_data, calibrate_fn, evaluate_fn, *, 
             raise ConfigError(f"size_budget {size_budget}: the smallest configuration of these formats is "
                               f"{ratio(path[-1]):.3f} of INT8")
         best = trial(fitting[0])
-    else:
-        best = trial(len(path) - 1)
-        if best is None:
-            low, high = 0, len(path) - 1  # path[low] taken to meet the target (all float does); path[high] does not
-            while high - low > 1:
-                middle = (low + high) // 2
-                found = trial(middle)
-                if found is None:
-                    high = middle
-                else:
-                    low, best = middle, found
-            if best is None and any(option != "float" for option in path[0].values()):
-                best = trial(0)
+    else:  # the smallest path configuration below the anchor (the uniform context, or all float) that meets it
+        limit = ratio(anchor[1]) if anchor is not None else math.inf
+        smaller = [index for index, choice in enumerate(path) if ratio(choice) < limit]
+        best, low, high = anchor, -1, len(smaller)  # smaller[low] meets the target, smaller[high] does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            found = trial(smaller[middle])
+            if found is None:
+                high = middle
+            else:
+                low, best = middle, found
     if best is not None:
-        result.qmodel, result.choice = best
+        result.qmodel, result.choice, result.chosen = best
         result.config = with_formats(base_config, result.choice)
     return result

@@ -10,8 +10,10 @@ Two measures, both on a few model inputs (`samples`, e.g. calibration batches):
   its float weights, unquantized), against the float model's output: the KL divergence of the softmax for a
   classifier's (N, classes) logits, else the output's squared error relative to its power (`output_loss`). That is
   what quantizing the layer does to the result, alone, so the losses of the layers roughly add up and can be
-  traded against size (core/mixed_precision.py). It costs one forward per layer. The model is not traced, so the
-  float prefix before a layer is not cached: on a CPU, a few dozen samples keep it to seconds per layer.
+  traded against size. It costs one forward per layer. The model is not traced, so the float prefix before a
+  layer is not cached: on a CPU, a few dozen samples keep it to seconds per layer.
+- `swap_losses`: the same output loss, but with the other layers quantized (core/mixed_precision.py): the change
+  when one layer alone takes another format, where the errors of its neighbours compound with its own.
 """
 from __future__ import annotations
 
@@ -156,4 +158,32 @@ def layer_output_loss(qmodel: nn.Module, floats: dict, samples: list, names=None
     for name in tqdm(names, desc=desc, unit="layer", leave=False, disable=len(names) < 8):
         with floating(qmodel, floats, [other for other in layers if other != name]):
             losses[name] = _mean_loss(references, _outputs(qmodel, samples))
+    return losses
+
+
+def swap_losses(qmodel: nn.Module, floats: dict, alternatives: dict, reference: nn.Module, samples: list, *,
+                desc: str = "sensitivity") -> dict:
+    """Layer -> {name: output_loss of `qmodel` with that layer alone replaced, minus `qmodel`'s own}, both against
+    `reference`'s output (the float model's). `alternatives`: layer -> {name: a module computing the layer another
+    way (the same layer of a model calibrated in another format), or "float" (its float weights, unquantized)}.
+    This measures each layer in the context of the other layers quantized as in `qmodel`, where their errors
+    compound with its own; negative where the alternative is better."""
+    layers = quant_layers(qmodel)
+    with torch.no_grad():
+        references = [_first_tensor(reference(*_as_tuple(batch))) for batch in samples]
+    own = _mean_loss(references, _outputs(qmodel, samples))
+    losses = {}
+    for name, options in tqdm(alternatives.items(), desc=desc, unit="layer", leave=False,
+                              disable=len(alternatives) < 8):
+        losses[name] = {}
+        for option, module in options.items():
+            if module == "float":
+                with floating(qmodel, floats, [name]):
+                    losses[name][option] = _mean_loss(references, _outputs(qmodel, samples)) - own
+                continue
+            layers[name].override = lambda x, module=module: module(x)  # a function: a module would become a child
+            try:
+                losses[name][option] = _mean_loss(references, _outputs(qmodel, samples)) - own
+            finally:
+                layers[name].override = None
     return losses

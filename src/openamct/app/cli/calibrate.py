@@ -246,8 +246,9 @@ def _write_html(report, paths, sensitivity, name) -> None:
     plots = {}
     search = report["mixed_precision"]
     if search:
+        points = [{**t, "chosen": t["label"] == search["chosen"]} for t in search["trials"]]
         plots["Accuracy against weight size (search images)"] = plot_tradeoff(
-            search["trials"], metric="metric", ylabel=f"top-1 (%) on the {search['search_images']} search images",
+            points, metric="metric", ylabel=f"top-1 (%) on the {search['search_images']} search images",
             title=f"{name}: configurations tried")
     if sensitivity:
         plots["Per-layer sensitivity: output loss with the layer quantized alone"] = plot_sensitivity(

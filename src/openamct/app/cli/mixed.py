@@ -95,8 +95,9 @@ def search(args, formats, model, config, dataset, calibrated: int, device, input
     if result.qmodel is None:
         raise common.UsageError(f"mixed precision: no quantized configuration keeps {target}; only the float model "
                                 f"does. Raise --max-drop or add formats to --weight-bits")
-    chosen = next(t for t in reversed(result.trials) if t.ok and t.label.startswith("path"))
-    summary = {"target": target, "formats": formats, "search_images": len(images), "size": chosen.size,
+    chosen = next(t for t in result.trials if t.label == result.chosen)
+    summary = {"target": target, "formats": formats, "search_images": len(images), "chosen": chosen.label,
+               "size": chosen.size,
                "choice": result.choice, "trials": [dataclasses.asdict(t) for t in result.trials],
                "sensitivity": result.losses, "skipped_images": skipped}
     return result.qmodel, result.config, summary
