@@ -6,7 +6,8 @@ final models scored on 544-799, which neither calibration nor the search saw. Ev
 the same images, with its paired standard error.
 
 - ``amct``: accuracy_based_auto_calibration with a ``--target``-point top-1 loss allowed, once per sensitivity
-  (AMCT's CosineSimilarity and openamct's OutputLoss): layers left float, the deploy model's top-1 (ONNX Runtime).
+  (AMCT's CosineSimilarity and openamct's OutputLoss), every layer's weights at ``--amct-bits``: layers left
+  float, the deploy model's top-1 (ONNX Runtime).
 - ``mixed``: openamct.mixed_precision with ``--max-drop`` over ``--formats``: every configuration it scored (the
   uniform ones and the path's), with its weight size relative to INT8 and its top-1 on both image sets; the
   accuracy-vs-size plot goes to ``--plot``.
@@ -88,20 +89,26 @@ def gap_row(final_logits, fp32_final, labels) -> dict:
     return {"top1_final": top1(final_logits, labels[FINAL]), "gap": gap["gap"], "se": gap["se"]}
 
 
-def run_amct(model, x, images, labels, fp32_final, out: Path, target: float, sensitivity: str) -> dict:
-    work = out / f"amct_{sensitivity}"
+def run_amct(model, x, images, labels, fp32_final, out: Path, target: float, sensitivity: str, bits: int) -> dict:
+    work = out / f"amct_w{bits}_{sensitivity}"
     work.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(work)
     try:
         started = time.perf_counter()
         amct.create_quant_config("tmp/config.json", model, x, batch_num=CALIBRATION.stop // BATCH)
+        if bits != 8:  # as a user would: every layer's weights at `bits` in the JSON config
+            config = json.loads(Path("tmp/config.json").read_text())
+            for layer in config.values():
+                if isinstance(layer, dict) and "weight_quant_params" in layer:
+                    layer["weight_quant_params"]["num_bits"] = bits
+            Path("tmp/config.json").write_text(json.dumps(config, indent=4))
         evaluator = Evaluator(images, labels, target, work)
         amct.accuracy_based_auto_calibration(model, evaluator, "tmp/config.json", "tmp/record.txt",
                                              "results/lite0", x, sensitivity=sensitivity, **IO)
         seconds = time.perf_counter() - started
         final_config = work / "results" / "accuracy_based_auto_calibration_final_config.json"
-        row = {"search": f"AMCT auto-calibration ({sensitivity}, {target} pts)", "seconds": seconds,
+        row = {"search": f"AMCT auto-calibration, W{bits}A8 ({sensitivity}, {target} pts)", "seconds": seconds,
                "evaluations": evaluator.calls}
         if not final_config.exists():
             return {**row, "model": None}
@@ -148,6 +155,7 @@ def main() -> None:
     parser.add_argument("--searches", default="amct,mixed")
     parser.add_argument("--target", type=float, default=0.1, help="AMCT search: top-1 points it may lose")
     parser.add_argument("--sensitivities", default="CosineSimilarity,OutputLoss")
+    parser.add_argument("--amct-bits", type=int, default=8, help="AMCT search: weight bits of every layer")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--formats", default="4,8,nuq16,nuq32")
     parser.add_argument("--plot", type=Path, help="accuracy-vs-size plot (default OUT/tradeoff.png)")
@@ -165,7 +173,8 @@ def main() -> None:
     searches = args.searches.split(",")
     if "amct" in searches:
         for sensitivity in args.sensitivities.split(","):
-            report["rows"].append(run_amct(model, x, images, labels, fp32_final, args.out, args.target, sensitivity))
+            report["rows"].append(run_amct(model, x, images, labels, fp32_final, args.out, args.target, sensitivity,
+                                           args.amct_bits))
             print(json.dumps(report["rows"][-1]), flush=True)
     if "mixed" in searches:
         report["rows"].append(run_mixed(model, x, images, labels, fp32_final, args.max_drop,
