@@ -131,3 +131,21 @@ def test_float_layers_forces_a_layer_float(tmp_path):
     assert Counter(optimized_ops(report["paths"]["deploy"], tmp_path))["QLinearConv"] == 4
     with pytest.raises(ValueError, match="float_fallback"):
         openamct.export(qmodel, str(tmp_path / "bad"), torch.randn(4, 3, 16, 16), float_fallback="auto")
+
+
+def test_per_layer_error_compares_a_clipped_output_with_the_clipped_float_one():
+    """A layer quantized after its ReLU6 outputs the clipped value: its SQNR and cosine compare like with like."""
+    from openamct.app.report import layer_errors
+    from openamct.core.reconstruction import float_parameters
+    from openamct.core.sensitivity import layer_cosine
+
+    torch.manual_seed(0)
+    model = Heads().eval()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    qmodel = openamct.prepare(model, openamct.default_config(model, batches[0]), batches[0])
+    floats = float_parameters(quant_layers(qmodel))
+    qmodel = openamct.calibrate(qmodel, lambda q: [q(b) for b in batches])
+    assert quant_layers(qmodel)["e"].output_quantizer.bounds == (0.0, 6.0)
+    for errors in (layer_errors(model, qmodel, batches[0]), layer_errors(None, qmodel, batches[0], isolated=True)):
+        assert errors["e"] > 25, errors
+    assert layer_cosine(qmodel, floats, batches)["e"] > 0.999

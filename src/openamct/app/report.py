@@ -19,6 +19,7 @@ from torch import nn
 from ..core.capture import capture
 from ..core.fileio import atomic_path
 from ..core.layer import QuantLayer
+from ..core.sensitivity import as_output
 from ..onnx_export.fused import float_copy
 
 
@@ -105,8 +106,10 @@ def layer_errors(fp32_model: nn.Module | None, qmodel: nn.Module, batch, *, isol
         reference = _outputs(reference_model, set(names.values()), batch)
     finally:
         reference_model.train(was_training)
-    return {name: sqnr_db(reference[names[name]], value) for name, value in quantized.items()
+    layers = dict(qmodel.named_modules())
+    return {name: sqnr_db(as_output(layers[name], reference[names[name]]), value) for name, value in quantized.items()
             if names[name] in reference}
+
 
 
 def _isolated_errors(qmodel: nn.Module, layers, batch) -> dict:
@@ -118,7 +121,7 @@ def _isolated_errors(qmodel: nn.Module, layers, batch) -> dict:
     def compare(name):
         def hook(module, args, output):
             if name not in errors and isinstance(output, torch.Tensor):
-                errors[name] = sqnr_db(output, quant[name](*args))
+                errors[name] = sqnr_db(as_output(quant[name], output), quant[name](*args))
         return hook
 
     _run_with_hooks(model, {name: compare(name) for name in layers}, batch)

@@ -58,6 +58,13 @@ class SampleRecorder:
             self.count += len(args[0][:take])
 
 
+def as_output(layer, value: torch.Tensor) -> torch.Tensor:
+    """The float `value` of a QuantLayer's output as the layer outputs it: through the ReLU/clip that follows it,
+    where its output quantizer comes after that clip (as the deployed integer kernel does)."""
+    quantizer = layer.output_quantizer
+    return value if quantizer is None else torch.clamp(value, *quantizer.bounds)
+
+
 def output_loss(reference: torch.Tensor, output: torch.Tensor) -> float:
     """KL(softmax(reference) || softmax(output)) averaged over the rows of a (N, classes) output; else the squared
     error relative to the reference's power. 0 when they are equal; larger is worse."""
@@ -139,7 +146,7 @@ def layer_cosine(qmodel: nn.Module, floats: dict, samples: list, compare=cosine_
                 _outputs(qmodel, [chunk])
             with torch.no_grad():
                 for name, (x, reference) in seen.items():
-                    totals[name] += compare(reference, layers[name](x))
+                    totals[name] += compare(as_output(layers[name], reference), layers[name](x))
                     counts[name] += 1
     finally:
         for handle in handles:
