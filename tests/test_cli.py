@@ -160,6 +160,7 @@ def test_calibrate_writes_amct_layout_report_and_plot(calibrated):
     assert set(report["layer_sqnr_db"]) == {"conv1", "dw", "pw", "fc"}
     assert all(v is None or v > 15 for v in report["layer_sqnr_db"].values()), report["layer_sqnr_db"]
     assert all(result["ok"] for result in report["parity"].values()), report["parity"]
+    assert report["deployed_float"] == {}  # the tests time INT8 as the faster form (conftest.py)
     assert report["paths"]["deploy_model"] == str(output / "build_deploy_model.onnx")
     assert {"quantize_model", "calibration", "save_model", "evaluation", "total"} <= set(report["timings_s"])
     # the printed summary: table, parity, outputs, skipped images, time

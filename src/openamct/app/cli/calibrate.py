@@ -213,9 +213,10 @@ def run(args) -> int:
                               "images": len(calibration) - calibration_skipped},
               "evaluation": results, "skipped_images": skipped, "parity": saved["parity"],
               "layer_sqnr_db": errors, "layer_sqnr_db_isolated": isolated, "layer_output_loss_alone": sensitivity,
-              "layers": _layers(model, input_data, qmodel, errors, isolated, sensitivity),
+              "layers": _layers(model, input_data, qmodel, errors, isolated, sensitivity, saved["float_layers"]),
               "mixed_precision": search, "weight_bytes": saved["weight_bytes"],
               "fallbacks": {name: layer.fallback for name, layer in quant_layers(qmodel).items() if layer.fallback},
+              "deployed_float": saved["float_layers"],
               "paths": {key: os.path.abspath(value) for key, value in paths.items()}, "timings_s": timings}
     write_text(paths["report"], json.dumps(common.json_safe(report), indent=2) + "\n")
     _write_html(report, paths, sensitivity, name)
@@ -223,8 +224,9 @@ def run(args) -> int:
     return 0
 
 
-def _layers(model, input_data, qmodel, errors, isolated, sensitivity) -> dict:
-    """Every layer with weights: its weight format (or why it is not quantized), SQNR and output loss alone."""
+def _layers(model, input_data, qmodel, errors, isolated, sensitivity, deployed_float) -> dict:
+    """Every layer with weights: its weight format (or why it is not quantized, or deployed float), SQNR and output
+    loss alone."""
     info = capture(model, input_data)
     layers = quant_layers(qmodel)
     rows = {}
@@ -233,7 +235,9 @@ def _layers(model, input_data, qmodel, errors, isolated, sensitivity) -> dict:
             rows[name] = {"type": types[0], "format": "float (config)"}
             continue
         params = layers[name].weight_quantizer.params
-        rows[name] = {"type": types[0], "format": f"nuq{params.num_steps}" if params.nuq else f"INT{params.num_bits}",
+        weights = f"nuq{params.num_steps}" if params.nuq else f"INT{params.num_bits}"
+        rows[name] = {"type": types[0], "format": f"float in the deploy model: {deployed_float[name]}"
+                      if name in deployed_float else weights,
                       "SQNR dB": errors.get(name), "SQNR alone dB": isolated.get(name),
                       "output loss alone": sensitivity.get(name)}
     for name, reason in info.skipped.items():
@@ -307,6 +311,8 @@ def _print_summary(report, args) -> None:
             out.append(f"  {label:<18} {report['paths'][key]}")
     for name, why in report["fallbacks"].items():
         out.append(f"\nWarning: layer {name}: {why}")
+    for name, why in report["deployed_float"].items():
+        out.append(f"\nLayer {name} is float in the deploy model: {why}")
     out.append(f"\nSkipped images: {len(report['skipped_images'])}")
     for path in report["skipped_images"][:10]:
         out.append(f"  {path}")
