@@ -67,8 +67,9 @@ def float_parameters(layers: dict) -> dict:
                    None if layer.layer.bias is None else layer.layer.bias.detach().clone())
             for name, layer in layers.items()}
 
-def _float_model(layers: dict, floats: dict) -> Overrides:
-    """The float model: every quantized layer on its float weight and bias, no quantizer."""
+def float_model(layers: dict, floats: dict) -> Overrides:
+    """Within a `with`: the quantized `layers` (name -> QuantLayer) on their float weight and bias (`floats`:
+    float_parameters, taken before `convert` put the chosen weights in), no quantizer."""
     def forward(layer, weight, bias):
         return lambda x: functional_call(layer.layer, {"weight": weight, "bias": bias}, (x,))
     return Overrides({layer: forward(layer, *floats[name]) for name, layer in layers.items()})
@@ -107,7 +108,7 @@ def find_blocks(qmodel: nn.Module, layers: dict, floats: dict, inputs: list, nam
             handles += [module.register_forward_pre_hook(before, with_kwargs=True),
                         module.register_forward_hook(after, with_kwargs=True)]
     try:
-        with _float_model(layers, floats):
+        with float_model(layers, floats):
             _run(qmodel, inputs[:1])
     finally:
         for handle in handles:
@@ -184,11 +185,11 @@ def reconstruct(qmodel: nn.Module, layers: dict, floats: dict, recorder: Recorde
                 with torch.no_grad(), simulating():
                     x_quant = torch.cat([before_block(chunk) for chunk in before_input.split(CHUNK)])
             else:
-                with _float_model(layers, floats):
+                with float_model(layers, floats):
                     x_float = _block_input(qmodel, block, inputs)
                 x_quant = _block_input(qmodel, block, inputs)
             previous = None
-            with _float_model(layers, floats), torch.no_grad():
+            with float_model(layers, floats), torch.no_grad():
                 target = torch.cat([block(chunk) for chunk in x_float.split(CHUNK)])
                 windows = Windows(block, x_float, target)
             before, after = reconstruct_block(block, members, floats, x_float, x_quant, target, windows, params,

@@ -17,15 +17,14 @@ Two measures, both on a few model inputs (`samples`, e.g. calibration batches):
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from tqdm import tqdm
 
 from .api import quant_layers
+from .block_learning import Overrides
+from .reconstruction import float_model
 from .simulation import layer_by_layer
 
 COSINE_CHUNK = 4  # samples per float forward whose layer inputs are kept for layer_cosine
@@ -87,23 +86,10 @@ def cosine_similarity(reference: torch.Tensor, output: torch.Tensor) -> float:
     return 0.5 + 0.5 * float(F.cosine_similarity(reference, output.to(reference.device), dim=0))
 
 
-@contextlib.contextmanager
-def floating(qmodel: nn.Module, floats: dict, names):
-    """Within the `with`, the quantized layers `names` run on their float weight and bias, unquantized. `floats`:
-    reconstruction.float_parameters of the layers, taken before `convert` put the chosen weights in."""
+def floating(qmodel: nn.Module, floats: dict, names) -> Overrides:
+    """Within a `with`, the quantized layers `names` run on their float weight and bias, unquantized."""
     layers = quant_layers(qmodel)
-
-    def forward(layer, weight, bias):
-        return lambda x: functional_call(layer.layer, {"weight": weight, "bias": bias}, (x,))
-
-    chosen = [layers[name] for name in names]
-    for name, layer in zip(names, chosen):
-        layer.override = forward(layer, *floats[name])
-    try:
-        yield
-    finally:
-        for layer in chosen:
-            layer.override = None
+    return float_model({name: layers[name] for name in names}, floats)
 
 
 def _outputs(qmodel: nn.Module, samples: list) -> list:
@@ -188,9 +174,6 @@ def swap_losses(qmodel: nn.Module, floats: dict, alternatives: dict, reference: 
                 with floating(qmodel, floats, [name]):
                     losses[name][option] = _mean_loss(references, _outputs(qmodel, samples)) - own
                 continue
-            layers[name].override = lambda x, module=module: module(x)  # a function: a module would become a child
-            try:
+            with Overrides({layers[name]: lambda x, module=module: module(x)}):  # a module would become a child
                 losses[name][option] = _mean_loss(references, _outputs(qmodel, samples)) - own
-            finally:
-                layers[name].override = None
     return losses
