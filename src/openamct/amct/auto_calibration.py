@@ -173,10 +173,8 @@ def accuracy_based_auto_calibration(model, model_evaluator, config_file, record_
 
         def calibrated(keep: dict, samples=None):
             """Calibrate and save the model with the layers `keep` says to quantize; its metric and floats."""
-            layers = {name: dataclasses.replace(layer, quant_enable=keep.get(name, layer.quant_enable))
-                      for name, layer in config.layers.items()}
             step_file = os.path.join(temp, "config.json")
-            save_json(dataclasses.replace(config, layers=layers), step_file)
+            save_json(_quantizing(config, keep), step_file)
             qmodel = quantize_model(step_file, os.path.join(temp, "modified_model.onnx"), record_file, model,
                                     input_data, **io)
             floats = float_parameters(quant_layers(qmodel))
@@ -244,6 +242,13 @@ def _search(strategy, ranking, evaluator, original, global_metric, calibrated):
     return last, metric
 
 
+def _quantizing(config, keep: dict):
+    """`config` with the layers of `keep` quantized or not as it says (AMCT's roll_back_config)."""
+    layers = {name: dataclasses.replace(layer, quant_enable=keep.get(name, layer.quant_enable))
+              for name, layer in config.layers.items()}
+    return dataclasses.replace(config, layers=layers)
+
+
 def _write_outputs(directory, ranking, history, config, final) -> None:
     """AMCT's three files: the ranking ([layer, value] pairs, most sensitive first) and the final config beside the
     models, the history under amct_log/."""
@@ -253,6 +258,4 @@ def _write_outputs(directory, ranking, history, config, final) -> None:
     write_text(os.path.join(os.path.dirname(amct_log.log_path()), HISTORY_FILE),
                json.dumps(history, indent=4) + "\n")
     if final is not None:
-        layers = {name: dataclasses.replace(layer, quant_enable=final.get(name, layer.quant_enable))
-                  for name, layer in config.layers.items()}
-        save_json(dataclasses.replace(config, layers=layers), os.path.join(directory, FINAL_CONFIG_FILE))
+        save_json(_quantizing(config, final), os.path.join(directory, FINAL_CONFIG_FILE))
