@@ -21,9 +21,11 @@ def integer_kernels():
     timing itself are marked real_kernel_timing)."""
     from openamct.onnx_export import fallback
 
-    _REAL_TIMER.append(fallback._time)
+    _REAL_TIMER.extend([fallback._time, fallback.whole_model_times])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fallback, "_time", lambda models, shape, threads: {"int8": 1.0, "float": 2.0})
+        # where a test makes a layer slower on INT8, the whole deploy model confirms it
+        patch.setattr(fallback, "whole_model_times", lambda models, sample: {"with": 1.0, "without": 2.0})
         yield
 
 
@@ -35,3 +37,4 @@ def kernel_timings(request, monkeypatch, tmp_path):
     monkeypatch.setattr(fallback, "CACHE", str(tmp_path / "kernel_timings.json"))
     if "real_kernel_timing" in request.keywords:
         monkeypatch.setattr(fallback, "_time", _REAL_TIMER[0])
+        monkeypatch.setattr(fallback, "whole_model_times", _REAL_TIMER[1])

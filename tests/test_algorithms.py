@@ -203,6 +203,39 @@ def test_gptq_output_error_below_nearest_rounding(layer):
     assert errors["gptq"] < 0.8 * errors["nearest"], errors
 
 
+@pytest.mark.parametrize("batches", [1, 48], ids=["one-batch", "one-sample-batches"])
+def test_gptq_damping_is_cross_validated_against_overfitting(monkeypatch, batches):
+    """A Linear with more inputs than calibration samples: GPTQ at the smallest damping fits the calibration samples,
+    directions new samples do not share included. The damping cross-validated over the halves of the calibration
+    data is larger there, and the output error on new samples lower. The halves are the two halves of each batch,
+    or alternate batches where a batch holds one sample."""
+    import openamct
+    from openamct.core.algorithms import gptq
+    from openamct.core.config import LayerConfig, QuantConfig, WeightQuantParams
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 24)
+    mix = torch.randn(96, 96) / 96 ** 0.5
+    calibration, fresh = torch.randn(48, 96) @ mix, torch.randn(4096, 96) @ mix
+    config = QuantConfig(layers={"0": LayerConfig(weight=WeightQuantParams(num_bits=4, bias_correction=False))},
+                         batch_num=batches)
+    model = torch.nn.Sequential(layer).eval()
+
+    def fresh_error():
+        quantized = openamct.quantize(model, config, lambda m: [m(b) for b in calibration.chunk(batches)],
+                                      calibration[:1])[0]
+        with torch.no_grad():
+            return float(((quantized(fresh) - layer(fresh)) ** 2).mean())
+
+    chosen = []
+    solve = gptq.gptq_layers
+    monkeypatch.setattr(gptq, "gptq_layers", lambda *args, damp=gptq.DAMP, **kw: (
+        chosen.append(damp), solve(*args, damp=damp, **kw))[1])
+    cross_validated = fresh_error()
+    assert max(chosen[-1]) > gptq.DAMP  # the final solve, with the damping chosen
+    monkeypatch.setattr(gptq, "DAMPINGS", (gptq.DAMP,))
+    assert cross_validated < 0.9 * fresh_error()
+
+
 def test_gptq_keeps_the_weights_that_set_the_scale():
     """The largest weight of each channel sits on an input that is always 0 in the calibration data: GPTQ keeps it
     (zeroing it, as the GPTQ paper does for dead inputs, would change the ARQ scale recomputed from the weights

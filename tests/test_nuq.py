@@ -232,3 +232,23 @@ def test_mapping_file_naming_no_layer(tmp_path):
     (tmp_path / "nuq.cfg").write_text('nuq_config { mapping_file: "map.json" nuq_quantize { num_steps: 16 } }\n')
     with pytest.raises(ConfigError, match="flags no Conv2d/Linear layer of this model"):
         amct.create_quant_config("c.json", convnet(), ConvNet.example_input(), config_defination="nuq.cfg")
+
+
+@pytest.mark.parametrize("codebook", ["layer", "channel"])
+def test_solves_of_one_nuq_layer_together_equal_separate_solves(codebook):
+    """GPTQ solves entries that share one NUQ quantizer together (the cross-validated damping's ten solves of a
+    layer): each comes out as its own solve, on the codebook."""
+    from openamct.core.algorithms import gptq
+    _, wrapped = nuq_output_error(0, codebook)
+    layer, x = correlated_layer(1)
+    quantizer = wrapped.weight_quantizer
+    quantizer.fixed_scales = quantizer.scales(layer.weight)
+    hessians = [x[:256].t() @ x[:256] / 256, x[256:].t() @ x[256:] / 256]
+    together = gptq.gptq_layers([layer.weight] * 2, hessians, [quantizer] * 2, damp=[0.01, 0.3])
+    for hessian, damp, joint in zip(hessians, (0.01, 0.3), together):
+        torch.testing.assert_close(joint, gptq.gptq_layers([layer.weight], [hessian], [quantizer], damp=damp)[0])
+    assert not torch.equal(*together)
+    codes = torch.round(together[0] / quantizer.fixed_scales.reshape(-1, 1)).int().numpy()
+    levels = np.atleast_2d(quantizer.levels)
+    for row, book in zip(codes, levels if len(levels) > 1 else levels.repeat(len(codes), 0)):
+        assert set(row.tolist()) <= set(book.tolist())

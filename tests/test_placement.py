@@ -99,7 +99,8 @@ def test_layer_slower_on_int8_is_deployed_float_and_reported(tmp_path, monkeypat
     qmodel = calibrated(model, [x])
     report = openamct.export(qmodel, str(tmp_path / "video"), x)
     assert report["float_layers"] == {"0": "ONNX Runtime runs its INT8 kernel slower than float on input "
-                                           "[2, 4, 4, 8, 8]: 2 ms against 1 ms"}
+                                           "[2, 4, 4, 8, 8]: 2 ms against 1 ms; the deploy model runs 1 ms so, "
+                                           "against 2 ms with every such layer on integers"}
     assert all(result["ok"] for result in report["parity"].values()), report["parity"]
     assert [name for name, layer in quant_layers(qmodel).items() if layer.deploy_float] == ["0"]
     ops = optimized_ops(report["paths"]["deploy"], tmp_path)
@@ -109,6 +110,28 @@ def test_layer_slower_on_int8_is_deployed_float_and_reported(tmp_path, monkeypat
     forced = openamct.export(qmodel, str(tmp_path / "forced"), x, float_fallback="never")
     assert forced["float_layers"] == {} and not any(layer.deploy_float for layer in quant_layers(qmodel).values())
     assert optimized_ops(forced["paths"]["deploy"], tmp_path).count("QLinearConv") == 1  # the last: float output
+
+
+def test_layers_slower_alone_stay_on_integers_where_the_whole_model_is_faster_so(tmp_path, monkeypatch, caplog):
+    """Every layer is timed slower on INT8 alone, but the whole deploy model runs faster with them on integers:
+    they stay on integers, and the coverage log says why."""
+    monkeypatch.setattr(fallback, "_time", lambda models, shape, threads: {"int8": 2.0, "float": 1.0})
+    timed = []
+
+    def whole(models, sample):
+        timed.append((set(models), [a.shape for a in sample]))
+        return {"with": 2.0, "without": 1.0}
+
+    monkeypatch.setattr(fallback, "whole_model_times", whole)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    qmodel = calibrated(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), [x])
+    with caplog.at_level("INFO", logger="openamct"):
+        report = openamct.export(qmodel, str(tmp_path / "model"), x)
+    assert report["float_layers"] == {} and timed == [({"with", "without"}, [(2, 3, 8, 8)])]
+    assert not any(layer.deploy_float for layer in quant_layers(qmodel).values())
+    assert "0, 2: kept on integers" in caplog.text, caplog.text
+    assert optimized_ops(report["paths"]["deploy"], tmp_path).count("QLinearConv") >= 1
 
 
 @pytest.mark.real_kernel_timing

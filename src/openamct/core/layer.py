@@ -69,11 +69,13 @@ class _WeightJob:
     statistics, and `chosen`, the weights chosen so far (None: nearest rounding of the float weight)."""
 
     def __init__(self, name: str, layer: nn.Module, quantizer: WeightQuantizer, pipeline: tuple, mean, power,
-                 hessian):
+                 hessian, folds=None):
         self.name, self.layer, self.quantizer, self.pipeline = name, layer, quantizer, pipeline
         self.weight = layer.weight
         self.original = self.weight.detach().clone()
         self.mean, self.power, self.hessian = mean, power, hessian
+        self.folds = folds  # the Hessians of the two halves of the calibration images (None: too few batches)
+        self.damp = gptq.DAMP  # GPTQ's damping, chosen by cross-validation where `folds` allow
         self.chosen = None
         self.fallbacks = []  # why an algorithm gave way to a simpler one
 
@@ -85,7 +87,7 @@ class _WeightJob:
 
     def metric(self) -> torch.Tensor:
         """The Hessian the output error is measured with: ridged for a dense layer, as is for a depthwise one."""
-        return self.hessian if self.hessian.dim() == 3 else gptq.ridged(self.hessian, 0.01)
+        return self.hessian if self.hessian.dim() == 3 else gptq.ridged(self.hessian, self.damp)
 
 
 def _nuq_codebook(job: _WeightJob) -> None:
@@ -99,15 +101,39 @@ def _nuq_codebook(job: _WeightJob) -> None:
                      per_weight.reshape(per_weight.shape + (1,) * (job.weight.dim() - 2)))
 
 
+def _dense_solve(weights, hessians, quantizers, damps):
+    return gptq.gptq_layers(weights, hessians, quantizers, damp=damps)
+
+
+def _depthwise_solve(weights, hessians, quantizers, damps):
+    return [gptq.gptq_depthwise(w, h, q, d) for w, h, q, d in zip(weights, hessians, quantizers, damps)]
+
+
+def _choose_damping(jobs: list, solve) -> None:
+    """Each job's GPTQ damping cross-validated over the halves of the calibration images (gptq.choose_damping),
+    where both halves were seen; where a half's Hessian cannot be factorised, the default (gptq.DAMP) stays."""
+    ready = [job for job in jobs if job.folds is not None and all(torch.isfinite(f).all() for f in job.folds)]
+    try:
+        damps = gptq.choose_damping(solve, [job.weight for job in ready], [job.folds for job in ready],
+                                    [job.quantizer for job in ready]) if ready else []
+    except torch.linalg.LinAlgError:
+        damps = [job.damp for job in ready]
+    for job, damp in zip(ready, damps):
+        job.damp = damp
+    for job in jobs:
+        job.folds = None  # chosen once (NUQ's level refits run GPTQ again), and the memory freed
+
+
 def _gptq(job: _WeightJob) -> None:
     """GPTQ, or nearest rounding (with the reason in `job.fallbacks`) where its Cholesky factorisation fails: on
     statistics that overflowed float32, or a Hessian that the damping cannot make positive definite."""
     job.quantizer.fixed_scales = job.quantizer.scales(job.weight)  # GPTQ's weights must not move their scales
-    solve = gptq.gptq_depthwise if job.hessian.dim() == 3 else gptq.gptq
+    solve = _depthwise_solve if job.hessian.dim() == 3 else _dense_solve
     try:
         if not torch.isfinite(job.hessian).all():
             raise torch.linalg.LinAlgError("the input statistics overflowed float32 (inputs beyond about 1e19)")
-        job.chosen = solve(job.weight, job.hessian, job.quantizer)
+        _choose_damping([job], solve)
+        job.chosen = solve([job.weight], [job.hessian], [job.quantizer], [job.damp])[0]
     except torch.linalg.LinAlgError as err:
         job.quantizer.fixed_scales, job.chosen = None, None
         reason = str(err).splitlines()[0]
@@ -136,8 +162,9 @@ def _gptq_together(jobs: list, progress) -> None:
             for job in batch:
                 job.quantizer.fixed_scales = job.quantizer.scales(job.weight)
             try:
-                chosen = gptq.gptq_layers([job.weight for job in batch], [job.hessian for job in batch],
-                                          [job.quantizer for job in batch])
+                _choose_damping(batch, _dense_solve)
+                chosen = _dense_solve([job.weight for job in batch], [job.hessian for job in batch],
+                                      [job.quantizer for job in batch], [job.damp for job in batch])
             except torch.linalg.LinAlgError:
                 for job in batch:
                     _gptq(job)
@@ -183,7 +210,7 @@ def _nuq_level_refit(job: _WeightJob) -> None:
 
     keep()
     for _ in range(quantizer.params.num_of_iteration):
-        job.chosen = nuq.refit_levels(job.weight, job.chosen, job.hessian, quantizer)
+        job.chosen = nuq.refit_levels(job.weight, job.chosen, job.hessian, quantizer, job.damp)
         keep()
         for step in rounding:
             step(job)
@@ -220,6 +247,17 @@ def finish_weights(layers: list) -> None:
         layer.keep(job)
 
 
+def _halves(x: torch.Tensor, call: dict | None, batch: int):
+    """(fold, part of `x`, its conv2d call) for the two halves of the images of a calibration batch, whose
+    Hessians are summed apart so that GPTQ's damping can be cross-validated (gptq.choose_damping); a batch of
+    one image goes whole to the half its batch number picks."""
+    if len(x) < 2:
+        return [(batch % 2, x, call)]
+    half = len(x) // 2
+    return [(fold, x[part], call and call | {"input": call["input"][part]})
+            for fold, part in enumerate((slice(0, half), slice(half, None)))]
+
+
 class QuantLayer(nn.Module):
     """`layer` (BN already folded) run on fake-quantized input and weights through its own forward.
 
@@ -239,7 +277,8 @@ class QuantLayer(nn.Module):
         self.pipeline = weight_pipeline(config, layer, axis)
         self.fallback = None  # set when a weight algorithm failed and a simpler one served (logged, reported)
         self.input_moments = None  # running sums of each input channel's mean and mean square
-        self.hessian = None  # GPTQ: running sum of E[x x^T] over the weight's columns
+        self.hessian = None  # GPTQ: running sums of E[x x^T] over the weight's columns, per half of the images
+        self._fold_batches = [0, 0]  # the batches (halves of batches) summed into each half
         self._batches = 0
         self._generator = None
         self._weight_cache = None  # (weight's storage and version, its fake-quantized value)
@@ -271,12 +310,19 @@ class QuantLayer(nn.Module):
                 self._generator = torch.Generator().manual_seed(0)
             columns = self.layer.weight[0].numel()
             params = self.weight_quantizer.params
-            rows = gptq.hessian_rows(columns, self.input_quantizer.batch_num, fine=params.nuq or params.num_bits < 8)
-            hessian = gptq.hessian(self.layer, x, call, rows, self._generator)
-            if self.hessian is None:
-                self.hessian = hessian
-            else:
-                self.hessian += hessian
+            fine = params.nuq or params.num_bits < 8
+            rows = gptq.hessian_rows(columns, self.input_quantizer.batch_num, fine=fine)
+            # in halves where GPTQ's damping will be cross-validated: below 8 bits, where its rounding errors and
+            # the overfitting they allow are large
+            parts = _halves(x, call, self._batches) if fine and "gptq" in self.pipeline else [(0, x, call)]
+            for fold, part, part_call in parts:
+                hessian = gptq.hessian(self.layer, part, part_call, -(-rows * len(part) // len(x)), self._generator)
+                if hessian is None:
+                    return
+                if self.hessian is None:
+                    self.hessian = hessian.new_zeros((2,) + hessian.shape)
+                self.hessian[fold] += hessian  # in place, as the moments
+                self._fold_batches[fold] += 1
 
     def weight_job(self) -> _WeightJob | None:
         """After calibration: what the weight pipeline works on (None where no statistics were collected); the
@@ -285,9 +331,13 @@ class QuantLayer(nn.Module):
         if self.input_moments is None:
             return None
         mean, power = (self.input_moments / self._batches).to(self.layer.weight.device)
-        hessian = self.hessian.div_(self._batches) if self.hessian is not None else None  # in place: no second copy
+        folds = hessian = None
+        if self.hessian is not None:
+            hessian = self.hessian.sum(0).div_(sum(self._fold_batches))
+            if min(self._fold_batches):  # each half's mean, in place: no third copy
+                folds = [self.hessian[i].div_(count) for i, count in enumerate(self._fold_batches)]
         self.input_moments = self.hessian = None
-        return _WeightJob(self.name, self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian)
+        return _WeightJob(self.name, self.layer, self.weight_quantizer, self.pipeline, mean, power, hessian, folds)
 
     def keep(self, job: _WeightJob) -> None:
         """The pipeline's chosen weights replace the float ones; a fallback is logged and kept for the report."""

@@ -22,18 +22,33 @@ FALLBACKS = ("measure", "never")
 def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallback: str = "measure",
                  float_layers=()) -> dict:
     """Layer -> why the deploy model keeps it float: `float_layers` (forced by the user) and, with
-    `float_fallback="measure"`, those whose INT8 kernel ONNX Runtime runs slower than float (fallback.py);
-    "never": every other quantized layer runs on integers. Logged in the coverage report."""
+    `float_fallback="measure"`, those whose INT8 kernel ONNX Runtime runs slower than float (fallback.py), where
+    the whole deploy model is then the faster too; "never": every other quantized layer runs on integers. Logged in
+    the coverage report."""
     if float_fallback not in FALLBACKS:
         raise ValueError(f"float_fallback must be one of {FALLBACKS}, not {float_fallback!r}")
     unknown = sorted(set(float_layers) - set(mapping))
     if unknown:
         raise ValueError(f"float_layers: no quantized layer named {unknown}")
     reasons = {name: "float_layers names it" for name in float_layers}
-    if float_fallback == "measure":
-        arrays = None if sample is None else [t.detach().cpu().numpy() for t in sample if isinstance(t, torch.Tensor)]
-        measured = fallback.float_layers(fused, mapping, layer_records, arrays)
-        reasons.update((name, why) for name, why in measured.items() if name not in reasons)
+    arrays = None if sample is None else [t.detach().cpu().numpy() for t in sample if isinstance(t, torch.Tensor)]
+    measured = fallback.float_layers(fused, mapping, layer_records, arrays) if float_fallback == "measure" else {}
+    measured = {name: why for name, why in measured.items() if name not in reasons}
+    if measured and arrays is not None:
+        candidates = {"with": reasons | measured, "without": reasons}
+        times = fallback.whole_model_times(
+            {key: build_quantized(fused, mapping, layer_records, True, floats) for key, floats in candidates.items()},
+            arrays)
+        if times["without"] <= fallback.MARGIN * times["with"]:
+            log.info(f"  {', '.join(measured)}: kept on integers: their INT8 kernels are the slower alone, but the "
+                     f"deploy model runs {times['without']:.3g} ms with them on integers against "
+                     f"{times['with']:.3g} ms with them float", "Coverage")
+            measured = {}
+        else:
+            measured = {name: f"{why}; the deploy model runs {times['with']:.3g} ms so, against "
+                              f"{times['without']:.3g} ms with every such layer on integers"
+                        for name, why in measured.items()}
+    reasons.update(measured)
     for name, why in reasons.items():
         log.info(f"  {name}: deployed in float: {why}", "Coverage")
     return reasons

@@ -6,6 +6,11 @@ tensors its neighbours hand over (uint8 in, uint8 out): as QuantizeLinear/Dequan
 fuses into QLinearConv / QGemm, and as DequantizeLinear -> the float layer -> QuantizeLinear, which is what the
 deploy model runs when the layer stays float (its input and output stay quantized, so its neighbours stay on
 integers). The times are cached on disk by op, attributes, shapes and thread count, so repeated exports are fast.
+
+A layer alone is not the model: keeping a layer float changes what ORT fuses around it, and a few layers each
+faster in float alone have made a whole model slower. So where any layer is to stay float, the whole deploy model
+is timed with those layers float and with none (`whole_model_times`), and the layers stay float only where that
+model is the faster.
 """
 import json
 import os
@@ -111,6 +116,30 @@ def _time(models: dict, shape: tuple, threads: int) -> dict:
             times.append(time.perf_counter() - start)
         best[form] = 1e3 * min(times)
         del sess
+    return best
+
+
+def whole_model_times(models: dict, sample, threads: int = 0) -> dict:
+    """Name -> fastest run in ms of each deploy model of `models` (name -> ModelProto) on `sample` (a list of
+    arrays, the graph's inputs in order): each model timed as _time times a layer, the models in turn, twice round
+    (a slow minute of the machine then slows both)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    best = {}
+    for _ in range(2):
+        for name, model in models.items():
+            sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            feed = {i.name: np.asarray(a) for i, a in zip(sess.get_inputs(), sample)}
+            sess.run(None, feed)  # warm-up
+            times = []
+            while len(times) < ROUNDS or (sum(times) < SPAN and len(times) < 50):
+                start = time.perf_counter()
+                sess.run(None, feed)
+                times.append(time.perf_counter() - start)
+            best[name] = min(best.get(name, np.inf), 1e3 * min(times))
+            del sess
     return best
 
 

@@ -26,6 +26,15 @@ MAX_GROUP = 1280
 # sample this many times larger
 FINE_SAMPLE = 16
 
+# GPTQ's damping: this share of the Hessian's mean diagonal added to its diagonal. The Hessian is estimated from a
+# few hundred images; where the layer has many columns for the positions those images hold (the wide 1x1 convs on
+# small late maps, a classifier that sees one vector per image), GPTQ at DAMP fits directions of the estimate that
+# new images do not share, and below 8 bits the output error on them comes out several times the calibration
+# error. So there each layer's damping is chosen from DAMPINGS by cross-validation over the two halves of the
+# calibration images (choose_damping; at 8 bits the rounding errors are too small for it to pay its time)
+DAMP = 0.01
+DAMPINGS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
@@ -148,10 +157,11 @@ def hessian(layer: nn.Module, x: torch.Tensor, call: dict | None, rows: int,
 
 def _column_quantizer(weights: list, quantizers: list, device, dtype=torch.float64):
     """column ([layers, out channels], one value per output channel of each layer) -> its dequantized values on
-    each layer's grid (and codebook: one layer at a time)."""
+    each layer's grid (and codebook: the layers must then share one quantizer, as choose_damping's solves of one
+    layer do)."""
     scale = torch.stack([q.scales(w).to(device, dtype).expand(w.shape[0]) for w, q in zip(weights, quantizers)])
     table = quantizers[0].table.to(device, dtype) if quantizers[0].table is not None else None
-    if table is not None and len(quantizers) > 1:
+    if table is not None and any(q is not quantizers[0] for q in quantizers):
         raise ValueError("NUQ layers are solved one at a time")
     rows = torch.arange(scale.shape[1], device=device) if table is not None and table.shape[0] > 1 else \
         torch.zeros(scale.shape[1], dtype=torch.long, device=device)
@@ -160,18 +170,20 @@ def _column_quantizer(weights: list, quantizers: list, device, dtype=torch.float
     def quantize_column(column):
         codes = torch.clamp(torch.round(column / scale), qmin, qmax)
         if table is not None:
-            codes = table[rows, codes[0].long() + 128][None]
+            codes = table[rows, codes.long() + 128]
         return codes * scale
     return quantize_column
 
 
-def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """hessian (float64, [..., K, K]) with damp * mean diagonal added, and 1 on the diagonal of inputs that were
-    always 0: their weights are then rounded to nearest and kept (not zeroed: other data may reach them)."""
+def _damped(hessian: torch.Tensor, damp) -> torch.Tensor:
+    """hessian (float64, [..., K, K]) with damp * mean diagonal added (`damp`: a number, or one per matrix of a
+    [layers, K, K] stack), and 1 on the diagonal of inputs that were always 0: their weights are then rounded to
+    nearest and kept (not zeroed: other data may reach them)."""
     h = hessian.double().clone()
     diagonal = torch.diagonal(h, dim1=-2, dim2=-1)
     diagonal[diagonal == 0] = 1.0
-    diagonal += damp * diagonal.mean(-1, keepdim=True)
+    damp = torch.as_tensor(damp, dtype=h.dtype, device=h.device)
+    diagonal += (damp[:, None] if damp.dim() else damp) * diagonal.mean(-1, keepdim=True)
     return h
 
 
@@ -200,7 +212,7 @@ def _extremes(w: torch.Tensor, channel_wise: bool) -> torch.Tensor:
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer, block: int = 128,
-         damp: float = 0.01) -> torch.Tensor:
+         damp: float = DAMP) -> torch.Tensor:
     """Weights on the quantizer's grid chosen column by column, each column's error pushed onto the columns not
     yet quantized through the inverse Hessian E[x x^T] (Frantar et al. 2023, GPTQ): the layer's output error on
     the calibration data, not the weight error, is what is minimised. Each column group (column_groups) is solved
@@ -208,9 +220,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer, block: int = 12
     return gptq_layers([weight], [hessian], [quantizer], block, damp)[0]
 
 
-def gptq_layers(weights: list, hessians: list, quantizers: list, block: int = 128, damp: float = 0.01) -> list:
+def gptq_layers(weights: list, hessians: list, quantizers: list, block: int = 128, damp=DAMP) -> list:
     """gptq() of layers whose weights have one shape, all in one column loop: the same choices as one call each,
-    in far fewer (larger) tensor operations, which is what GPTQ's time goes to on a CPU."""
+    in far fewer (larger) tensor operations, which is what GPTQ's time goes to on a CPU. `damp`: one for all, or a
+    list with one per layer."""
     shape = weights[0].shape
     w = torch.stack([x.detach().float().reshape(shape[0], -1) for x in weights])  # float32
     kept = torch.stack([_extremes(x, q.params.channel_wise) for x, q in zip(w, quantizers)])
@@ -223,7 +236,7 @@ def gptq_layers(weights: list, hessians: list, quantizers: list, block: int = 12
 
 
 def _solve(w: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, quantize_column, block: int,
-           damp: float) -> torch.Tensor:
+           damp) -> torch.Tensor:
     """GPTQ on the columns of `w` ([layers, out, columns]) with their Hessians ([layers, columns, columns]), lazily
     updated `block` columns at a time; the `kept` weights stay as they are."""
     h = _damped(hessian, damp)
@@ -253,7 +266,7 @@ def _solve(w: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, quantize_
 
 
 def gptq_depthwise(weight: torch.Tensor, hessians: torch.Tensor, quantizer,
-                   damp: float = 0.01) -> torch.Tensor:
+                   damp: float = DAMP) -> torch.Tensor:
     """GPTQ for a depthwise conv: each output channel is a layer of its own, its kh * kw weights seeing only its
     input channel's patches, so every channel has its own Hessian ([C, K, K]) and all channels run as a batch."""
     shape = weight.shape
@@ -269,3 +282,31 @@ def gptq_depthwise(weight: torch.Tensor, hessians: torch.Tensor, quantizer,
         w[:, k:] -= error[:, None] * upper[:, k, k:]
         w = torch.where(kept, original, w)
     return out.reshape(shape).to(weight.dtype)
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the layer's output error tr(d H d^T) of the weight change `delta` ([out, ...]) under
+    the Hessian ([K, K], or [C, K, K] for a depthwise conv)."""
+    d = delta.detach().double().reshape(delta.shape[0], -1)
+    h = hessian.to(d.device).double()
+    product = d @ h if h.dim() == 2 else torch.bmm(d[:, None, :], h)[:, 0]
+    return (product * d).sum(1)
+
+
+def choose_damping(solve, weights: list, folds: list, quantizers: list) -> list:
+    """Per layer, the damping of DAMPINGS whose solution, fitted on one half of the calibration images' Hessian,
+    has the least output error under the other half's, summed both ways round. `solve(weights, hessians,
+    quantizers, damps)` returns the chosen weights of each entry (gptq_layers' form: the entries are solved
+    together, which is what makes the ten solves of a layer cheap); `folds`: per layer, the Hessians of the two
+    halves."""
+    entries = [(row, damp, fit) for damp in DAMPINGS for fit in (0, 1) for row in range(len(weights))]
+    errors = torch.zeros(len(weights), len(DAMPINGS), dtype=torch.float64)
+    size = max(2 * len(weights), 2 * len(DAMPINGS))
+    for start in range(0, len(entries), size):
+        chunk = entries[start:start + size]
+        chosen = solve([weights[row] for row, _, _ in chunk], [folds[row][fit] for row, _, fit in chunk],
+                       [quantizers[row] for row, _, _ in chunk], [damp for _, damp, _ in chunk])
+        for (row, damp, fit), choice in zip(chunk, chosen):
+            error = output_error(choice - weights[row], folds[row][1 - fit]).sum()
+            errors[row, DAMPINGS.index(damp)] += float(error.cpu())
+    return [DAMPINGS[int(i)] for i in errors.argmin(1)]
