@@ -117,8 +117,9 @@ def correlated_layer(seed=0, out=16, inputs=24, samples=512):
 def nuq_output_error(rounds, codebook="layer", seed=0):
     """Output error of a GPTQ + NUQ-4 Linear layer on its calibration inputs, after `rounds` level refits."""
     from openamct.core.config import ActQuantParams, LayerConfig, WeightQuantParams
-    from openamct.core.layer import QuantLayer, finish_weights
+    from openamct.core.layer import QuantLayer
     from openamct.core.quantizers import ActQuantizer
+    from openamct.core.weights import finish_weights
     layer, x = correlated_layer(seed)
     original = layer.weight.detach().clone()
     params = WeightQuantParams(wts_algo="nuq_quantize", num_steps=4, num_of_iteration=rounds, codebook=codebook,

@@ -120,7 +120,7 @@ def test_layers_slower_alone_stay_on_integers_where_the_whole_model_is_faster_so
 
     def whole(models, sample):
         timed.append((set(models), [a.shape for a in sample]))
-        return {"with": 2.0, "without": 1.0}
+        return {"with": 2.0, "without": 1.0} if "with" in models else {"deploy": 1.0, "float": 2.0}
 
     monkeypatch.setattr(fallback, "whole_model_times", whole)
     torch.manual_seed(0)
@@ -128,20 +128,41 @@ def test_layers_slower_alone_stay_on_integers_where_the_whole_model_is_faster_so
     qmodel = calibrated(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), [x])
     with caplog.at_level("INFO", logger="openamct"):
         report = openamct.export(qmodel, str(tmp_path / "model"), x)
-    assert report["float_layers"] == {} and timed == [({"with", "without"}, [(2, 3, 8, 8)])]
+    assert report["float_layers"] == {} and timed[0] == ({"with", "without"}, [(2, 3, 8, 8)])
     assert not any(layer.deploy_float for layer in quant_layers(qmodel).values())
     assert "0, 2: kept on integers" in caplog.text, caplog.text
     assert optimized_ops(report["paths"]["deploy"], tmp_path).count("QLinearConv") >= 1
 
 
+def test_a_deploy_model_slower_than_float_is_reported(tmp_path, monkeypatch, caplog):
+    """The export times the deploy model against the float model it was built from: where the deploy model is the
+    slower, a warning says so with both times, and the report carries them."""
+    monkeypatch.setattr(fallback, "whole_model_times", lambda models, sample: {"deploy": 3.0, "float": 2.0})
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    qmodel = calibrated(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardswish(), nn.Conv2d(8, 4, 3)).eval(), [x])
+    with caplog.at_level("INFO", logger="openamct"):
+        report = openamct.export(qmodel, str(tmp_path / "model"), x)
+    assert report["speed"] == {"deploy_ms": 3.0, "float_ms": 2.0}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("runs 3 ms against the float model's 2 ms" in w and "slower than float" in w for w in warnings), \
+        warnings
+    monkeypatch.setattr(fallback, "whole_model_times", lambda models, sample: {"deploy": 1.0, "float": 2.0})
+    caplog.clear()
+    assert openamct.export(qmodel, str(tmp_path / "again"), x)["speed"] == {"deploy_ms": 1.0, "float_ms": 2.0}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 @pytest.mark.real_kernel_timing
 def test_kernel_timing_runs_both_forms(tmp_path):
-    """The real timer: both forms of a layer run in ORT and take a positive time."""
+    """The real timer: both forms of a layer run in ORT and take a positive time; the deploy and float models run
+    in it too."""
     torch.manual_seed(0)
     qmodel = calibrated(nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), [torch.randn(2, 3, 8, 8)])
-    openamct.export(qmodel, str(tmp_path / "one"), torch.randn(2, 3, 8, 8), check=False)
+    report = openamct.export(qmodel, str(tmp_path / "one"), torch.randn(2, 3, 8, 8), check=False)
     times = list(fallback._read_cache().values())
     assert len(times) == 1 and set(times[0]) == {"int8", "float"} and min(times[0].values()) > 0
+    assert set(report["speed"]) == {"deploy_ms", "float_ms"} and min(report["speed"].values()) > 0
 
 
 def test_float_layers_forces_a_layer_float(tmp_path):

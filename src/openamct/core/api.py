@@ -38,10 +38,11 @@ from .config import (
     check_names,
     check_nuq_types,
 )
-from .layer import QuantLayer, finish_weights
+from .layer import QuantLayer
 from .quantizers import ActQuantizer
 from .reconstruction import Recorder, float_parameters, reconstruct
 from .simulation import enter_simulation, exit_simulation
+from .weights import finish_weights
 
 
 def default_config(model: nn.Module, input_data, *, rules=(), skip_layers=(), batch_num: int = 1,

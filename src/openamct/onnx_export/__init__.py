@@ -31,7 +31,7 @@ def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallba
     if unknown:
         raise ValueError(f"float_layers: no quantized layer named {unknown}")
     reasons = {name: "float_layers names it" for name in float_layers}
-    arrays = None if sample is None else [t.detach().cpu().numpy() for t in sample if isinstance(t, torch.Tensor)]
+    arrays = _arrays(sample)
     measured = fallback.float_layers(fused, mapping, layer_records, arrays) if float_fallback == "measure" else {}
     measured = {name: why for name, why in measured.items() if name not in reasons}
     if measured and arrays is not None:
@@ -54,13 +54,38 @@ def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallba
     return reasons
 
 
+def _arrays(sample) -> list | None:
+    return None if sample is None else [t.detach().cpu().numpy() for t in sample if isinstance(t, torch.Tensor)]
+
+
+def deploy_speed(fused, deploy, sample) -> dict | None:
+    """{"deploy_ms", "float_ms"}: the deploy model and the float model it was built from, timed in ONNX Runtime on
+    `sample` (None without one); a warning where the deploy model is the slower by fallback.MARGIN, so that a user
+    never ships a slower model unawares."""
+    arrays = _arrays(sample)
+    if not arrays:
+        return None
+    times = fallback.whole_model_times({"deploy": deploy, "float": fused}, arrays)
+    speed = {"deploy_ms": times["deploy"], "float_ms": times["float"]}
+    message = (f"The deploy model runs {times['deploy']:.3g} ms against the float model's {times['float']:.3g} ms "
+               f"on the export sample {[list(a.shape) for a in arrays]}")
+    if times["deploy"] > fallback.MARGIN * times["float"]:
+        log.warning(message + ": ONNX Runtime runs it slower than float. The ops between the quantized layers "
+                    "(activations such as hardswish, squeeze-excite, normalisations) run in float between a "
+                    "DequantizeLinear and a QuantizeLinear; keep the float model for this runtime, or keep "
+                    "layers float with float_layers.", "Coverage")
+    else:
+        log.info(message + ".", "Coverage")
+    return speed
+
+
 def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmodel=None, sample=None, *,
                  float_fallback: str = "measure", float_layers=()) -> dict:
     """Write `<save_path>_deploy_model.onnx`, `<save_path>_fake_quant_model.onnx` (and, with NUQ layers,
     `<save_path>_nuq_weights.npz`) from the fused model and the records; with `qmodel` check their parity with it
     on `sample` (a tuple of model inputs), its layers kept float as deployed. `layer_records` holds every layer of
     `mapping`; `float_fallback`, `float_layers`: see deploy_float. Returns {"paths", "parity", "weight_bytes",
-    "float_layers"}."""
+    "float_layers", "speed"} (deploy_speed)."""
     floats = deploy_float(fused, mapping, layer_records, sample, float_fallback, float_layers)
     directory, prefix = os.path.split(save_path)
     stem = f"{prefix}_" if prefix else ""
@@ -70,7 +95,8 @@ def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmod
         write_bytes(path, models[kind].SerializeToString())
         log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
     report = {"paths": paths, "parity": None, "float_layers": floats,
-              "weight_bytes": write_nuq_weights(fused, mapping, layer_records, directory, stem, paths)}
+              "weight_bytes": write_nuq_weights(fused, mapping, layer_records, directory, stem, paths),
+              "speed": deploy_speed(fused, models["deploy"], sample)}
     if qmodel is not None:
         for name, layer in quant_layers(qmodel).items():
             layer.deploy_float = name in floats
@@ -84,10 +110,11 @@ def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmod
 def export(qmodel: torch.nn.Module, save_path: str, input_data, *, input_names=None, output_names=None,
            dynamic_axes=None, check: bool = True, float_fallback: str = "measure", float_layers=()) -> dict:
     """Write `<save_path>_deploy_model.onnx` and `<save_path>_fake_quant_model.onnx` of a calibrated model and
-    (unless `check` is false) check their parity with it on `input_data`; returns the paths, the parity report and
-    the layers deployed float. `float_fallback`: "measure" (default) keeps float the layers whose INT8 kernel
-    ONNX Runtime runs slower on `input_data`'s shapes, "never" none; `float_layers`: layers deployed float
-    regardless. When checked, the calibrated model computes as deployed afterwards."""
+    (unless `check` is false) check their parity with it on `input_data`; returns the paths, the parity report,
+    the layers deployed float and the deploy and float models' times on `input_data` (`speed`). `float_fallback`:
+    "measure" (default) keeps float the layers whose INT8 kernel ONNX Runtime runs slower on `input_data`'s
+    shapes, "never" none; `float_layers`: layers deployed float regardless. When checked, the calibrated model
+    computes as deployed afterwards."""
     if not is_calibrated(qmodel):
         raise RuntimeError("export: the model is not calibrated; run calibrate()/convert() first")
     fused, mapping = fused_model(qmodel, input_data, input_names, output_names, dynamic_axes)

@@ -216,7 +216,7 @@ def run(args) -> int:
               "layers": _layers(model, input_data, qmodel, errors, isolated, sensitivity, saved["float_layers"]),
               "mixed_precision": search, "weight_bytes": saved["weight_bytes"],
               "fallbacks": {name: layer.fallback for name, layer in quant_layers(qmodel).items() if layer.fallback},
-              "deployed_float": saved["float_layers"],
+              "deployed_float": saved["float_layers"], "deploy_speed": saved["speed"],
               "paths": {key: os.path.abspath(value) for key, value in paths.items()}, "timings_s": timings}
     write_text(paths["report"], json.dumps(common.json_safe(report), indent=2) + "\n")
     _write_html(report, paths, sensitivity, name)
@@ -292,6 +292,10 @@ def _print_summary(report, args) -> None:
             if agreement is not None:
                 out.append(f"  deploy and {'FP32' if key == 'fp32' else key} agree on the top-1 class of "
                            f"{100 * agreement:.1f}% of the images")
+    speed = report["deploy_speed"]
+    if speed:
+        out.append(f"\nONNX Runtime on the first calibration batch: deploy model {speed['deploy_ms']:.3g} ms, float "
+                   f"model {speed['float_ms']:.3g} ms ({speed['float_ms'] / speed['deploy_ms']:.2f}x)")
     if report["parity"]:
         out.append("\nParity with the PyTorch simulation (first calibration batch):")
         out += [f"  {describe(kind, result)}" for kind, result in report["parity"].items()]
