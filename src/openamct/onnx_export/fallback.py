@@ -96,50 +96,41 @@ def _layer_models(node: onnx.NodeProto, entry: dict, rec, inits: dict, shape: tu
     return models
 
 
-def _time(models: dict, shape: tuple, threads: int) -> dict:
-    """Fastest run of each form, in ms: ROUNDS runs at least, more for a fast layer, until the form has run for
-    SPAN seconds (other processes on the cores slow single runs down, never speed them up). One form after the
-    other, not interleaved: the idle threads of one session spin for a while and would slow the other down."""
+def _fastest(model: onnx.ModelProto, feed, threads: int) -> float:
+    """The model's fastest run in ms: ROUNDS runs at least, more for a fast model, until it has run for SPAN
+    seconds (other processes on the cores slow single runs down, never speed them up). `feed`: a dict of inputs,
+    or a list of arrays in the graph's input order."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if not isinstance(feed, dict):
+        feed = {i.name: np.asarray(a) for i, a in zip(sess.get_inputs(), feed)}
+    sess.run(None, feed)  # warm-up
+    times = []
+    while len(times) < ROUNDS or (sum(times) < SPAN and len(times) < 50):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def _time(models: dict, shape: tuple, threads: int) -> dict:
+    """Fastest run of each form of a layer, in ms (_fastest). One form after the other, not interleaved: the idle
+    threads of one session spin for a while and would slow the other down."""
     feed = {"x": np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)}
-    best = {}
-    for form, model in models.items():
-        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        sess.run(None, feed)  # warm-up
-        times = []
-        while len(times) < ROUNDS or (sum(times) < SPAN and len(times) < 50):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - start)
-        best[form] = 1e3 * min(times)
-        del sess
-    return best
+    return {form: _fastest(model, feed, threads) for form, model in models.items()}
 
 
 def whole_model_times(models: dict, sample, threads: int = 0) -> dict:
-    """Name -> fastest run in ms of each deploy model of `models` (name -> ModelProto) on `sample` (a list of
-    arrays, the graph's inputs in order): each model timed as _time times a layer, the models in turn, twice round
-    (a slow minute of the machine then slows both)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    """Name -> fastest run in ms (_fastest) of each whole model of `models` (name -> ModelProto) on `sample` (a list
+    of arrays, the graph's inputs in order): the models in turn, twice round, so that a slow minute of the machine
+    slows each of them."""
     best = {}
     for _ in range(2):
         for name, model in models.items():
-            sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            feed = {i.name: np.asarray(a) for i, a in zip(sess.get_inputs(), sample)}
-            sess.run(None, feed)  # warm-up
-            times = []
-            while len(times) < ROUNDS or (sum(times) < SPAN and len(times) < 50):
-                start = time.perf_counter()
-                sess.run(None, feed)
-                times.append(time.perf_counter() - start)
-            best[name] = min(best.get(name, np.inf), 1e3 * min(times))
-            del sess
+            best[name] = min(best.get(name, np.inf), _fastest(model, sample, threads))
     return best
 
 
