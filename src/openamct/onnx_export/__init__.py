@@ -39,7 +39,7 @@ def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallba
         times = fallback.whole_model_times(
             {key: build_quantized(fused, mapping, layer_records, True, floats) for key, floats in candidates.items()},
             arrays)
-        if times["without"] <= fallback.MARGIN * times["with"]:
+        if not fallback.slower(times["without"], times["with"]):
             log.info(f"  {', '.join(measured)}: kept on integers: their INT8 kernels are the slower alone, but the "
                      f"deploy model runs {times['without']:.3g} ms with them on integers against "
                      f"{times['with']:.3g} ms with them float", "Coverage")
@@ -60,7 +60,7 @@ def _arrays(sample) -> list | None:
 
 def deploy_speed(fused, deploy, sample) -> dict | None:
     """{"deploy_ms", "float_ms"}: the deploy model and the float model it was built from, timed in ONNX Runtime on
-    `sample` (None without one); a warning where the deploy model is the slower by fallback.MARGIN, so that a user
+    `sample` (None without one); a warning where the deploy model is the slower (fallback.slower), so that a user
     never ships a slower model unawares."""
     arrays = _arrays(sample)
     if not arrays:
@@ -69,7 +69,7 @@ def deploy_speed(fused, deploy, sample) -> dict | None:
     speed = {"deploy_ms": times["deploy"], "float_ms": times["float"]}
     message = (f"The deploy model runs {times['deploy']:.3g} ms against the float model's {times['float']:.3g} ms "
                f"on the export sample {[list(a.shape) for a in arrays]}")
-    if times["deploy"] > fallback.MARGIN * times["float"]:
+    if fallback.slower(times["deploy"], times["float"]):
         log.warning(message + ": ONNX Runtime runs it slower than float. The ops between the quantized layers "
                     "(activations such as hardswish, squeeze-excite, normalisations) run in float between a "
                     "DequantizeLinear and a QuantizeLinear; keep the float model for this runtime, or keep "

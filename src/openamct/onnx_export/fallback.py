@@ -26,7 +26,7 @@ from ..core.fileio import write_text
 from ..core.primitives import qrange
 from .qdq import _WEIGHT_QUANTIZED_BY_ORT, OPSET, layer_codes
 
-MARGIN, GAIN = 1.1, 0.05  # float must be 10% and 0.05 ms faster than INT8: timing noise must not flip layers
+MARGIN, GAIN = 1.1, 0.05  # one form must be 10% and 0.05 ms faster than the other: timing noise must not decide
 ROUNDS, SPAN = 7, 0.1  # timed runs of each form at least, and the seconds it runs for if 50 runs allow
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "openamct", "kernels.json")
 
@@ -106,7 +106,7 @@ def _fastest(model: onnx.ModelProto, feed, threads: int) -> float:
         options.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     if not isinstance(feed, dict):
-        feed = {i.name: np.asarray(a) for i, a in zip(sess.get_inputs(), feed)}
+        feed = _feed(sess, feed)
     sess.run(None, feed)  # warm-up
     times = []
     while len(times) < ROUNDS or (sum(times) < SPAN and len(times) < 50):
@@ -114,6 +114,19 @@ def _fastest(model: onnx.ModelProto, feed, threads: int) -> float:
         sess.run(None, feed)
         times.append(time.perf_counter() - start)
     return 1e3 * min(times)
+
+
+def _feed(sess, arrays) -> dict:
+    """The session's inputs from `arrays` (in the graph's input order). Where the graph has a static batch size
+    (exported without dynamic axes) other than the arrays', the arrays are cut or repeated to it."""
+    feed = {}
+    for graph_input, array in zip(sess.get_inputs(), arrays):
+        array = np.asarray(array)
+        batch = graph_input.shape[0] if graph_input.shape else None
+        if isinstance(batch, int) and array.ndim and batch != array.shape[0]:
+            array = np.resize(array, (batch,) + array.shape[1:])
+        feed[graph_input.name] = array
+    return feed
 
 
 def _time(models: dict, shape: tuple, threads: int) -> dict:
@@ -149,8 +162,9 @@ def _read_cache() -> dict:
         return {}
 
 
-def _slower(times: dict) -> bool:
-    return times["int8"] > max(MARGIN * times["float"], times["float"] + GAIN)
+def slower(ms: float, than: float) -> bool:
+    """`ms` slower than `than` by MARGIN and GAIN."""
+    return ms > max(MARGIN * than, than + GAIN)
 
 
 def float_layers(fused: onnx.ModelProto, mapping: dict, records: dict, sample, threads: int = 0) -> dict:
@@ -170,12 +184,13 @@ def float_layers(fused: onnx.ModelProto, mapping: dict, records: dict, sample, t
         if key not in cache:
             models = _layer_models(node, entry, records[layer], inits, shape)
             cache[key] = _time(models, shape, threads)
-            if _slower(cache[key]):  # confirmed by a second timing before it is kept: a busy core misleads one
+            # confirmed by a second timing before it is kept: a busy core misleads one
+            if slower(cache[key]["int8"], cache[key]["float"]):
                 again = _time(models, shape, threads)
                 cache[key] = {form: min(cache[key][form], again[form]) for form in again}
             changed = True
         times = cache[key]
-        if _slower(times):
+        if slower(times["int8"], times["float"]):
             reasons[layer] = (f"ONNX Runtime runs its INT8 kernel slower than float on input {list(shape)}: "
                               f"{times['int8']:.3g} ms against {times['float']:.3g} ms")
     if changed:
