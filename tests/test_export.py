@@ -41,7 +41,7 @@ def optimized_ops(path, tmp_path):
 def test_convnet_flow_parity_and_integer_kernels(tmp_path, monkeypatch, algo):
     # every layer on integers: save_model's timing would keep the tiny stem conv float where ORT runs it faster so
     # (tests/test_placement.py tests that)
-    monkeypatch.setattr(fallback, "_slower", lambda times: False)
+    monkeypatch.setattr(fallback, "slower", lambda ms, than: False)
     torch.manual_seed(0)
     batches = [ConvNet.example_input(8) for _ in range(2)]
     cfg = None
