@@ -176,8 +176,7 @@ def _nuq_level_refit(job: WeightJob) -> None:
 
     def keep():
         nonlocal best
-        delta = (job.chosen - job.weight).detach().double().reshape(job.weight.shape[0], -1)
-        error = float(torch.einsum("oi,ij,oj->", delta, metric, delta))  # the layer's output error
+        error = float(gptq.output_error(job.chosen - job.weight, metric).sum())  # the layer's output error
         if best is None or error < best[0]:
             best = (error, job.chosen, quantizer.levels, quantizer.table, quantizer.fixed_scales)
 

@@ -6,6 +6,7 @@ checked against the simulation (parity.py).
 """
 import os
 
+import onnx
 import torch
 
 from ..core import log
@@ -20,26 +21,29 @@ FALLBACKS = ("measure", "never")
 
 
 def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallback: str = "measure",
-                 float_layers=()) -> dict:
-    """Layer -> why the deploy model keeps it float: `float_layers` (forced by the user) and, with
-    `float_fallback="measure"`, those whose INT8 kernel ONNX Runtime runs slower than float (fallback.py), where
-    the whole deploy model is then the faster too; "never": every other quantized layer runs on integers. Logged in
-    the coverage report."""
+                 float_layers=()) -> tuple[dict, onnx.ModelProto, dict | None]:
+    """(layer -> why the deploy model keeps it float, the deploy model, its speed (_speed)). Kept float:
+    `float_layers` (forced by the user) and, with `float_fallback="measure"`, those whose INT8 kernel ONNX Runtime
+    runs slower than float (fallback.py), where the whole deploy model is then the faster too; "never": every
+    other quantized layer runs on integers. Logged in the coverage report. The whole models are timed once, the
+    float model among them, so the speed comes from the same runs that decided."""
     if float_fallback not in FALLBACKS:
         raise ValueError(f"float_fallback must be one of {FALLBACKS}, not {float_fallback!r}")
     unknown = sorted(set(float_layers) - set(mapping))
     if unknown:
         raise ValueError(f"float_layers: no quantized layer named {unknown}")
     reasons = {name: "float_layers names it" for name in float_layers}
-    arrays = _arrays(sample)
+    arrays = None if sample is None else [t.detach().cpu().numpy() for t in sample if isinstance(t, torch.Tensor)]
     measured = fallback.float_layers(fused, mapping, layer_records, arrays) if float_fallback == "measure" else {}
     measured = {name: why for name, why in measured.items() if name not in reasons}
-    if measured and arrays is not None:
+    times = None
+    if measured and arrays:
         candidates = {"with": reasons | measured, "without": reasons}
-        times = fallback.whole_model_times(
-            {key: build_quantized(fused, mapping, layer_records, True, floats) for key, floats in candidates.items()},
-            arrays)
-        if not fallback.slower(times["without"], times["with"]):
+        models = {key: build_quantized(fused, mapping, layer_records, True, floats)
+                  for key, floats in candidates.items()}
+        times = fallback.whole_model_times(models | {"float": fused}, arrays)
+        chosen = "with" if fallback.slower(times["without"], times["with"]) else "without"
+        if chosen == "without":
             log.info(f"  {', '.join(measured)}: kept on integers: their INT8 kernels are the slower alone, but the "
                      f"deploy model runs {times['without']:.3g} ms with them on integers against "
                      f"{times['with']:.3g} ms with them float", "Coverage")
@@ -48,25 +52,23 @@ def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallba
             measured = {name: f"{why}; the deploy model runs {times['with']:.3g} ms so, against "
                               f"{times['without']:.3g} ms with every such layer on integers"
                         for name, why in measured.items()}
+        deploy, times = models[chosen], {"deploy": times[chosen], "float": times["float"]}
     reasons.update(measured)
     for name, why in reasons.items():
         log.info(f"  {name}: deployed in float: {why}", "Coverage")
-    return reasons
+    if times is None:
+        deploy = build_quantized(fused, mapping, layer_records, True, reasons)
+        if arrays:
+            times = fallback.whole_model_times({"deploy": deploy, "float": fused}, arrays)
+    return reasons, deploy, _speed(times, arrays)
 
 
-def _arrays(sample) -> list | None:
-    return None if sample is None else [t.detach().cpu().numpy() for t in sample if isinstance(t, torch.Tensor)]
-
-
-def deploy_speed(fused, deploy, sample) -> dict | None:
-    """{"deploy_ms", "float_ms"}: the deploy model and the float model it was built from, timed in ONNX Runtime on
-    `sample` (None without one); a warning where the deploy model is the slower (fallback.slower), so that a user
+def _speed(times: dict | None, arrays) -> dict | None:
+    """{"deploy_ms", "float_ms"}: the deploy model and the float model it was built from, as timed on the export
+    sample (None without one); a warning where the deploy model is the slower (fallback.slower), so that a user
     never ships a slower model unawares."""
-    arrays = _arrays(sample)
-    if not arrays:
+    if times is None:
         return None
-    times = fallback.whole_model_times({"deploy": deploy, "float": fused}, arrays)
-    speed = {"deploy_ms": times["deploy"], "float_ms": times["float"]}
     message = (f"The deploy model runs {times['deploy']:.3g} ms against the float model's {times['float']:.3g} ms "
                f"on the export sample {[list(a.shape) for a in arrays]}")
     if fallback.slower(times["deploy"], times["float"]):
@@ -76,7 +78,7 @@ def deploy_speed(fused, deploy, sample) -> dict | None:
                     "layers float with float_layers.", "Coverage")
     else:
         log.info(message + ".", "Coverage")
-    return speed
+    return {"deploy_ms": times["deploy"], "float_ms": times["float"]}
 
 
 def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmodel=None, sample=None, *,
@@ -85,18 +87,18 @@ def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmod
     `<save_path>_nuq_weights.npz`) from the fused model and the records; with `qmodel` check their parity with it
     on `sample` (a tuple of model inputs), its layers kept float as deployed. `layer_records` holds every layer of
     `mapping`; `float_fallback`, `float_layers`: see deploy_float. Returns {"paths", "parity", "weight_bytes",
-    "float_layers", "speed"} (deploy_speed)."""
-    floats = deploy_float(fused, mapping, layer_records, sample, float_fallback, float_layers)
+    "float_layers", "speed"} (deploy_float)."""
+    floats, deploy, speed = deploy_float(fused, mapping, layer_records, sample, float_fallback, float_layers)
     directory, prefix = os.path.split(save_path)
     stem = f"{prefix}_" if prefix else ""
     paths = {kind: os.path.join(directory or ".", f"{stem}{kind}_model.onnx") for kind in ("deploy", "fake_quant")}
-    models = {kind: build_quantized(fused, mapping, layer_records, kind == "deploy", floats) for kind in paths}
+    models = {"deploy": deploy, "fake_quant": build_quantized(fused, mapping, layer_records, False, floats)}
     for kind, path in paths.items():
         write_bytes(path, models[kind].SerializeToString())
         log.info(f"The model file is saved in {os.path.realpath(path)}", "Utils")
     report = {"paths": paths, "parity": None, "float_layers": floats,
               "weight_bytes": write_nuq_weights(fused, mapping, layer_records, directory, stem, paths),
-              "speed": deploy_speed(fused, models["deploy"], sample)}
+              "speed": speed}
     if qmodel is not None:
         for name, layer in quant_layers(qmodel).items():
             layer.deploy_float = name in floats
