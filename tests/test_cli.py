@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import SAMPLE_DIR
 
+from openamct.amct.record import read_record
 from openamct.app import cli
 from openamct.app.data import ImageLoader, LabelledImages, Preprocess
 from openamct.onnx_export.parity import session
@@ -236,6 +237,22 @@ def test_bad_inputs_give_one_error_line_and_exit_code_2(tiny_file, in_tmp, capsy
         _assert_one_line_error(*_run(["calibrate"] + model + data + ["--device", "cuda"], capsys)[::2],
                                "CUDA is not available")
     assert not (in_tmp / "outputs" / "build" / "build_deploy_model.onnx").exists()
+
+
+def test_a_cfg_with_dmq_balancer_runs_its_pre_pass(tiny_file, in_tmp, capsys):
+    cfg = in_tmp / "dmq.cfg"
+    cfg.write_text("batch_num: 2\ncommon_config {\n  dmq_balancer { migration_strength: 0.5 }\n}\n")
+    base = ["calibrate", "--model-file", f"{tiny_file}:build", "--images", IMAGES, "--labels", SYNSETS,
+            "--batch-size", "4", "--workers", "0", "--config", cfg, *THREADS]
+    code, _, err = _run(base + ["--max-drop", "1"], capsys)
+    _assert_one_line_error(code, err, "dmq_balancer", "--max-drop")
+    code, _, err = _run(base + ["--eval", "0"], capsys)
+    assert code == 0, err
+    stored = read_record(str(in_tmp / "outputs" / "build" / "tmp" / "record.txt"))
+    balanced = {name: len(record.tensor_balance_factor) for name, record in stored.items()
+                if record.tensor_balance_factor}
+    assert balanced and balanced.get("fc") == 16 and balanced.get("pw") == 16, balanced  # one per input channel
+    assert (in_tmp / "outputs" / "build" / "build_deploy_model.onnx").exists()
 
 
 def test_console_script_exit_code_for_bad_input(tiny_file, tmp_path):

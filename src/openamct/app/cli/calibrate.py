@@ -117,12 +117,19 @@ def run(args) -> int:
 
     with common.timed(timings, "quantize_model"):
         amct.create_quant_config(str(config_file), model, input_data, skip_layers=skip_layers,
-                                 batch_num=args.batch_num, config_defination=args.config)
+                                 batch_num=1 if args.config else args.batch_num, config_defination=args.config)
         config = json.loads(config_file.read_text())
         if args.block_reconstruction:
             config["block_reconstruction"] = {"num_iteration": args.block_reconstruction}
             write_text(str(config_file), json.dumps(config, indent=4) + "\n")
         batch_num = config["batch_num"]
+        _check_calibration_images(dataset, batch_num, args)
+        calibration = dataset.subset(0, batch_num * args.batch_size)
+        if any(isinstance(layer, dict) and "dmq_balancer_param" in layer for layer in config.values()):
+            if formats is not None:
+                raise common.UsageError(f"--config {args.config}: its dmq_balancer cannot be combined with --max-drop "
+                                        f"or --size-budget yet (mixed precision does not balance): drop one of them")
+            _balance(config_file, record_file, model, input_data, calibration, batch_num, args, device)
         io = dict(input_names=["input"], output_names=["output"],
                   dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
         qmodel = amct.quantize_model(str(config_file), str(fused_file), str(record_file), model, input_data, **io)
@@ -131,9 +138,6 @@ def run(args) -> int:
     if not quant_layers(qmodel):
         raise common.UsageError(f"{name}: no layer to quantize (every Conv/Linear layer is skipped or unsupported; see "
                          f"{log_path()})")
-    _check_calibration_images(dataset, batch_num, args)
-
-    calibration = dataset.subset(0, batch_num * args.batch_size)
     floats = float_parameters(quant_layers(qmodel))
     search = None
     if formats is not None:
@@ -325,6 +329,21 @@ def _print_summary(report, args) -> None:
              if key != "total" and not key.startswith("evaluation_")]
     out.append(f"Total time: {timings['total']:.1f} s ({', '.join(parts)})")
     print("\n".join(out), flush=True)
+
+
+def _balance(config_file, record_file, model, input_data, calibration, batch_num: int, args, device) -> None:
+    """AMCT's DMQ pre-pass (quantize_preprocess) over the calibration batches, where the .cfg balances layers: it
+    writes the balance factors to the record that quantize_model then reads."""
+    balancing = amct.quantize_preprocess(str(config_file), str(record_file), model, input_data)
+    loader = ImageLoader(calibration, args.batch_size, args.workers)
+    seen = 0
+    with torch.no_grad():
+        for images, _ in tqdm(loader, total=len(loader), desc="DMQ balancing", unit="batch", dynamic_ncols=True):
+            balancing(images.to(device))
+            seen += 1
+    if seen < batch_num:
+        raise common.UsageError(f"DMQ balancing got {seen} of {batch_num} batches ({len(loader.skipped)} unreadable "
+                                f"images skipped): add images or lower batch_num")
 
 
 def _check_calibration_images(dataset, batch_num, args) -> None:
