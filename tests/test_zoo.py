@@ -54,6 +54,20 @@ def test_tiny_zoo_model_amct_flow_parity(tmp_path, name):
     assert any(op.startswith("QLinear") or op in ("QGemm", "MatMulInteger") for op in ops), ops
 
 
+def test_a_max_pool_shares_its_inputs_quantizer_and_runs_on_integers(tmp_path):
+    """ResNet's stem: conv -> ReLU -> MaxPool -> the first block's convs and its residual add. The pool's output is
+    quantized with the stem's output quantizer (one scale), so ONNX Runtime pools the integers: no float MaxPool
+    in the optimized deploy model, and the simulation still matches it."""
+    model, qmodel, report = amct_flow(tmp_path, "resnet18")
+    stem, first = qmodel.features[0][0], qmodel.features[2].body[0][0]
+    assert stem.output_quantizer is first.input_quantizer
+    assert first.input_quantizer.batches_seen == 2  # observed once per forward: on the stem's output
+    for kind, result in report["parity"].items():
+        assert result["ok"], (kind, result)
+    ops = optimized_ops(report["paths"]["deploy"], tmp_path)
+    assert "MaxPool" not in ops and any("MaxPool" in op for op in ops), ops
+
+
 def test_runtime_padding_folds_and_its_convs_run_on_integers(tmp_path):
     """The Lite0 blocks written with F.pad amounts computed from x.shape export as the static ones do: no Shape,
     Gather or Pad arithmetic left in the deploy model, every conv reading quantized input and weights, and ORT

@@ -25,6 +25,7 @@ from .capture import (
     fusions,
     layer_groups,
     output_site,
+    pooled_inputs,
     set_module,
     weight_axis,
 )
@@ -109,17 +110,20 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
     # float, even though the layer writing it then runs in float in ONNX Runtime
     float_readers = Counter(info.input_tensor[name] for name in info.layers
                             if name not in enabled and name in info.input_tensor)
+    sites = {name: output_site(info, info.bn_output[pairs[name]] if name in pairs else info.output_tensor[name])
+             for name in enabled}
+    shared = _max_pool_sharing(info, enabled, sites)
     for name in enabled:
-        quantizer(info.input_tensor[name], name, info.input_bounds.get(name))
+        quantizer(shared.get(info.input_tensor[name], info.input_tensor[name]), name, info.input_bounds.get(name))
     for name in enabled:
         layer = qmodel.get_submodule(name)
-        output, bounds, readers = output_site(info, info.bn_output[pairs[name]] if name in pairs
-                                              else info.output_tensor[name])
+        output, bounds, readers = sites[name]
         # the output is quantized where something other than a layer reads it (an add, hardswish, a pooling, ...):
         # without a quantize after it ONNX Runtime runs the layer in float (DQ -> Conv -> float)
-        wants_output = len(readers) > float_readers[output] and output not in quantizers
-        wrapped = make_layer(layer, name, quantizers[info.input_tensor[name]], weight_axis(layer),
-                             quantizer(output, name, bounds) if wants_output else None)
+        wants_output = len(readers) > float_readers[output] and (output not in quantizers
+                                                                 or output in shared.values())
+        wrapped = make_layer(layer, name, quantizers[shared.get(info.input_tensor[name], info.input_tensor[name])],
+                             weight_axis(layer), quantizer(output, name, bounds) if wants_output else None)
         set_module(qmodel, name, wrapped)
     parameter = next(model.parameters(), None)
     if parameter is not None:
@@ -130,6 +134,19 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
         qmodel.block_reconstruction = Recorder(config.reconstruction, config.batch_num, qmodel)
     _log_coverage(qmodel, config, info)
     return qmodel
+
+
+def _max_pool_sharing(info: ModelInfo, enabled, sites: dict) -> dict:
+    """Input tensor of a layer -> the tensor whose quantizer it shares: a max pool's output shares the quantizer
+    of its input where that is a quantized layer's output no layer reads directly. Pooling commutes with
+    quantization, so the simulation is unchanged in kind, and the deployed model pools the integers: ONNX Runtime
+    drops a DequantizeLinear -> MaxPool -> QuantizeLinear of one scale, where different scales keep the pool in
+    float between layout changes."""
+    pooled = pooled_inputs(info)
+    direct = {info.input_tensor[name] for name in enabled}
+    produced = {site[0] for site in sites.values()}
+    return {tensor: pooled[tensor] for tensor in direct
+            if tensor in pooled and pooled[tensor] in produced and pooled[tensor] not in direct}
 
 
 def _channels_last(model: nn.Module, input_data) -> None:

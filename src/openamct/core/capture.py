@@ -20,6 +20,7 @@ QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 _BN_FOR_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 _ADDS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
 _NOT_USES = {"size", "dim", "numel", "__get__", "__len__", "is_floating_point", "element_size"}
+MAX_POOLS = {"max_pool1d", "max_pool2d", "max_pool3d"}  # their outputs are values of their inputs
 
 
 def type_names(module: nn.Module) -> tuple[str, ...]:
@@ -105,6 +106,8 @@ class _Recorder(TorchFunctionMode):
                         self.adds.add(id(t))
         if isinstance(out, torch.Tensor):
             self.keep.append(out)
+            if bounds is None and name in MAX_POOLS and id(args[0]) in self.bounds:
+                bounds = self.bounds[id(args[0])]  # not a clip: kept out of the consumers' entries above
             if bounds is not None:
                 self.bounds[id(out)] = bounds
             elif id(out) in self.bounds:  # ids are never reused here, so this is an in-place change
@@ -223,6 +226,11 @@ def output_site(info: ModelInfo, tensor_id: int) -> tuple[int, tuple | None, lis
         if out != tensor_id:  # not in place: the clip's output is the tensor from here on
             tensor_id, readers = out, list(info.consumers.get(out, ()))
     return tensor_id, bounds, [reader[0] for reader in readers]
+
+
+def pooled_inputs(info: ModelInfo) -> dict:
+    """Tensor id of each max pool's output -> id of its input."""
+    return {out: tensor for tensor, readers in info.consumers.items() for name, out, _ in readers if name in MAX_POOLS}
 
 
 def fold_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> bool:

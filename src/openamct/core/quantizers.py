@@ -5,7 +5,6 @@ Activation quantizers hand their quantized value to every consumer of the tensor
 and requantize a quantized layer's accumulator in one step where they can (simulation.requantize).
 """
 import math
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -37,7 +36,6 @@ class ActQuantizer(SharedQuantizer, nn.Module):
         self.bounds = tuple(bounds) if bounds else (-math.inf, math.inf)
         self.observer = OBSERVERS[params.act_algo](params, asymmetric, batch_num, layer)
         self.batches_seen = 0
-        self._last_seen = None
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("offset", torch.tensor(0.0))
         self.calibrated = False
@@ -52,11 +50,9 @@ class ActQuantizer(SharedQuantizer, nn.Module):
             return self.override(x)
         if self.calibrated:
             return shared_quantized(x, lambda v: requantize(v, self.scale, self.offset, self.params.num_bits))
-        seen = self._last_seen() if self._last_seen is not None else None
-        if seen is not x and self.batches_seen < self.batch_num:  # AMCT ignores batches beyond batch_num
+        if self.batches_seen < self.batch_num and self.first_sight(x):  # AMCT ignores batches beyond batch_num
             self.observer.observe(x)
             self.batches_seen += 1
-            self._last_seen = weakref.ref(x)
         return x
 
     def finish(self) -> None:
@@ -177,8 +173,9 @@ class ULQActQuantizer(SharedQuantizer, nn.Module):
 
     def _initialising(self, x):
         """IFMR observes the first batch_num batches; meanwhile each batch is quantized to its own min/max."""
-        self.observer.observe(x)
-        self.batches_seen += 1
+        if self.first_sight(x):
+            self.observer.observe(x)
+            self.batches_seen += 1
         lo, hi = (float(v) for v in torch.aminmax(x.detach()))
         scale, offset = act_qparams(0.0 if self.fixed_min else lo, hi, self.params.num_bits, True)
         out = fake_quant(x, scale, offset, self.params.num_bits)

@@ -113,9 +113,24 @@ class SharedQuantizer:
     """Marks an activation quantizer; `passes_through` while it hands its input on unchanged (observing)."""
 
     passes_through = False
+    _observed = None  # the forward, or outside one the tensor (weakref), last observed
+
+    def first_sight(self, x: torch.Tensor) -> bool:
+        """Whether `x` is a batch this quantizer has not observed: the first tensor it is handed in a forward of
+        the model (a max pool's output, which shares its input's quantizer, comes second), or outside one, another
+        tensor than the last."""
+        forward = _FORWARD[0] if _ACTIVE else None
+        if forward is not None:
+            new = forward != self._observed
+            self._observed = forward
+        else:
+            new = not (isinstance(self._observed, weakref.ref) and self._observed() is x)
+            self._observed = weakref.ref(x)
+        return new
 
 
 _LAYER_BY_LAYER = []  # while not empty, root forwards run without the mode (layer_by_layer)
+_FORWARD = [0]  # root forwards started so far
 
 
 @contextlib.contextmanager
@@ -136,6 +151,7 @@ def enter_simulation(module, args):
     inside layer_by_layer."""
     if getattr(module, "_is_replica", False):
         raise TypeError(DATA_PARALLEL_UNSUPPORTED)
+    _FORWARD[0] += 1
     if _LAYER_BY_LAYER or all(m.passes_through for m in module.modules() if isinstance(m, SharedQuantizer)):
         _ACTIVE.append(None)
         return
