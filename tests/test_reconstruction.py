@@ -11,6 +11,7 @@ from openamct.amct.config_files import load_json
 from openamct.core import block_learning, reconstruction
 from openamct.core.api import quant_layers
 from openamct.core.config import ConfigError, ReconstructionParams, Rule
+from openamct.core.simulation import simulating
 
 W4 = [Rule(weight={"num_bits": 4})]
 
@@ -102,6 +103,32 @@ def test_windows_are_measured_local_blocks_get_them_with_their_margin_global_one
         windows = block_learning.Windows(residual, features, residual(features))
         assert (windows.side, windows.margin) == (block_learning.WINDOW, 2)  # two 3x3 convs: two pixels
         assert block_learning.Windows(squeeze, features, squeeze(features)).side is None
+
+
+def test_a_block_learns_only_on_samples_not_held_aside_and_is_kept_as_calibrated_where_they_get_worse():
+    """The held-aside samples' targets are the block's own output as calibrated (plus a trace of noise), the others'
+    the float block's: learning must lower the error on the latter only, so the state kept is the calibrated one."""
+    model, calib = blocknet(), _calibration(n=1)
+    qmodel = _quantized(model, None, calib)
+    block = qmodel.blocks[0]
+    members = {name: layer for name, layer in quant_layers(qmodel).items() if name.startswith("blocks.0.")}
+    floats = reconstruction.float_parameters(members)
+    torch.manual_seed(4)
+    x = torch.rand(2 * block_learning.HELD_ASIDE + 32, 16, 32, 32)
+    with torch.no_grad(), simulating():
+        target = block(x)
+    with reconstruction.float_model(members, floats), torch.no_grad():
+        target[block_learning.HELD_ASIDE:] = block(x[block_learning.HELD_ASIDE:]).mul(1.2)
+    target[:block_learning.HELD_ASIDE] += 1e-4 * torch.randn_like(target[:block_learning.HELD_ASIDE])
+    weights = {name: layer.layer.weight.clone() for name, layer in members.items()}
+    scales = {name: layer.input_quantizer.scale.clone() for name, layer in members.items()}
+    windows = block_learning.Windows(block, x, target)
+    params = ReconstructionParams(num_iteration=100, batch_size=8)
+    before, after = block_learning.reconstruct_block(block, members, floats, x, x, target, windows, params, "b")
+    assert after == before
+    for name, layer in members.items():
+        assert torch.equal(layer.layer.weight, weights[name]), name
+        assert torch.equal(layer.input_quantizer.scale, scales[name]), name
 
 
 def test_reconstruction_is_repeatable_and_keeps_weights_on_their_grids():

@@ -18,8 +18,10 @@ ROUNDING_LR = 3e-2  # Adam's step on V: a rounding started at START can flip wit
 SCALE_LR = 1e-3  # Adam's step on the log of each activation step size: about 0.1 % of the scale per step
 START = 0.95  # h(V) at the start: near the chosen rounding, so the block starts about where the weight algorithm
 # left it (at 0.8 the soft weights start far worse than the hard ones, and what is learned fits the soft ones)
-CHECK_EVERY = 50  # steps between the checks whether every rounding has settled
-HELD_ASIDE = 64  # calibration samples on which the block's output error is compared before and after
+CHECK_EVERY = 50  # steps between the checks of the held-aside error (and whether every rounding has settled)
+HELD_ASIDE = 48  # calibration samples the block does not learn on: its error on them picks the state kept
+PATIENCE = 4  # checks without a lower held-aside error after which learning stops
+JUDGED_WINDOWS = 4  # windows of each held-aside sample its error is measured on
 WINDOW = 24  # side of the output windows a spatially local block learns on (see Windows)
 
 
@@ -79,6 +81,14 @@ class Windows:
         return (self._input_window(x_quant, top, left, self.stride)[pick],
                 self._input_window(x_float, top, left, self.stride)[pick], target[..., inner[0], inner[1]][pick])
 
+    def judged(self, x_quant, target, count: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) the held-aside error is measured on: the first `count` samples, on JUDGED_WINDOWS
+        windows each, drawn once (a forward of an early block on whole maps costs tens of learning steps)."""
+        if self.side is None:
+            return x_quant[:count], target[:count]
+        draws = [self.draw(x_quant, x_quant, target, torch.arange(count), generator) for _ in range(JUDGED_WINDOWS)]
+        return torch.cat([draw[0] for draw in draws]), torch.cat([draw[2] for draw in draws])
+
     def inner(self, output):
         """The part of the block's output on a window that matches the whole map's."""
         if self.side is None or not self.margin:
@@ -109,11 +119,13 @@ class _SoftRounding:
         start = torch.where(up, START, 1 - START)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (start - GAMMA) - 1))
 
+    hardened = False  # set while the held-aside error is measured: the weight is the hard rounding
+
     def soft(self) -> torch.Tensor:
         return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
     def weight(self) -> torch.Tensor:
-        return (self.low + self.soft() * self.step) * self.scale
+        return self.hard() if self.hardened else (self.low + self.soft() * self.step) * self.scale
 
     def hard(self) -> torch.Tensor:
         return (self.low + (self.soft() >= 0.5).to(self.low) * self.step) * self.scale
@@ -163,9 +175,11 @@ class _StepSize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return shared_quantized(x, self._quantize)
 
+    hardened = False  # set while the held-aside error is measured: no QDrop
+
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         xq = fake_quant(x, self.scale(), self.quantizer.offset, self.quantizer.params.num_bits)
-        if not self.drop_prob:
+        if not self.drop_prob or self.hardened:
             return xq
         dropped = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
         return torch.where(dropped, x, xq)
@@ -183,43 +197,59 @@ def _learning(members: dict, roundings: dict, steps: dict) -> Overrides:
     return Overrides(functions)
 
 
-def _error(block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
-    """The block's mean squared output error on `x` as the model now computes it."""
-    with torch.no_grad(), simulating():
-        return float(torch.nn.functional.mse_loss(block(x), target))
+def _error(block: nn.Module, judged: tuple, windows: Windows, parts=()) -> float:
+    """The block's mean squared output error on the `judged` (inputs, targets) as the model now computes it; with
+    `parts` (the roundings and steps being learned), on the hard roundings without QDrop."""
+    for part in parts:
+        part.hardened = True
+    try:
+        with torch.no_grad(), simulating():
+            return float(torch.nn.functional.mse_loss(windows.inner(block(judged[0])), judged[1]))
+    finally:
+        for part in parts:
+            part.hardened = False
 
 
 def reconstruct_block(block: nn.Module, members: dict, floats: dict, x_float: torch.Tensor,
                       x_quant: torch.Tensor, target: torch.Tensor, windows: Windows, params,
                       name: str) -> tuple[float, float]:
     """Learn the block's roundings and activation steps (see the module docstring); returns its output error on
-    the held-aside samples (before, after)."""
+    the held-aside samples (before, after).
+
+    The first HELD_ASIDE samples are not learned on (where there are at least twice as many): every CHECK_EVERY
+    steps the block's error on them, with the roundings made hard, is measured, and the state with the lowest
+    error is the one kept, the block as calibrated included. Learning stops after PATIENCE checks without a lower
+    error. On a few hundred images the roundings fit the samples they learn on well before they stop helping on
+    others."""
     device = x_quant.device
     samples = torch.Generator().manual_seed(params.seed)
     masks = torch.Generator(device=device).manual_seed(params.seed)
-    aside = slice(0, min(HELD_ASIDE, len(x_quant)))
-    before = _error(block, x_quant[aside], target[aside])
+    held = HELD_ASIDE if len(x_quant) >= 2 * HELD_ASIDE else 0
+    judged = windows.judged(x_quant, target, held or min(HELD_ASIDE, len(x_quant)), samples)
+    before = _error(block, judged, windows)
     quantizers = {id(q): q for layer in members.values()
                   for q in (layer.input_quantizer, layer.output_quantizer) if q is not None}
-    saved = {layer: (layer.layer.weight.detach().clone(), layer.weight_quantizer.fixed_scales)
-             for layer in members.values()}
-    saved_scales = {key: q.scale.clone() for key, q in quantizers.items()}
+    fixed = {layer: layer.weight_quantizer.fixed_scales for layer in members.values()}  # _SoftRounding fixes them
     roundings = {layer_name: _SoftRounding(layer, floats[layer_name][0]) for layer_name, layer in members.items()}
     steps = {key: _StepSize(q, params.drop_prob, masks) for key, q in quantizers.items()}
+    learned = [r.v for r in roundings.values()] + [s.log_scale for s in steps.values()]
+    parts = list(roundings.values()) + list(steps.values())
     optimizer = torch.optim.Adam([{"params": [r.v for r in roundings.values()], "lr": ROUNDING_LR},
                                   {"params": [s.log_scale for s in steps.values()], "lr": SCALE_LR}])
     unit = max(before, 1e-30)
+    best, best_state, stale = before, None, 0  # best_state None: the block as calibrated
+    batch = min(params.batch_size, len(x_quant) - held)
     bar = tqdm(total=params.num_iteration, desc=f"reconstruct {name}", unit="it", leave=False, disable=None)
     with torch.enable_grad(), _learning(members, roundings, steps), bar:
-        for step in range(params.num_iteration):
-            pick = torch.randint(len(x_quant), (min(params.batch_size, len(x_quant)),), generator=samples)
+        for step in range(1, params.num_iteration + 1):
+            pick = held + torch.randint(len(x_quant) - held, (batch,), generator=samples)
             quant, exact, wanted = windows.draw(x_quant, x_float, target, pick, samples)
             if params.drop_prob:
                 dropped = torch.rand(quant.shape, generator=masks, device=device) < params.drop_prob
                 quant = torch.where(dropped, exact, quant)
             with simulating():
                 loss = torch.nn.functional.mse_loss(windows.inner(block(quant)), wanted) / unit
-            beta = beta_at(step, params)
+            beta = beta_at(step - 1, params)
             if beta is not None:
                 loss = loss + params.reg_param * sum(r.regulariser(beta) for r in roundings.values())
             optimizer.zero_grad(set_to_none=True)
@@ -227,23 +257,28 @@ def reconstruct_block(block: nn.Module, members: dict, floats: dict, x_float: to
             optimizer.step()
             bar.update()
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4g}")
-            if beta is not None and step % CHECK_EVERY == 0 and all(r.settled() for r in roundings.values()):
+                bar.set_postfix(loss=f"{loss.item():.4g}", held_aside=f"{best / unit:.4g}")
+            if step % CHECK_EVERY and step != params.num_iteration:
+                continue
+            error = _error(block, judged, windows, parts)
+            if error < best:
+                best, best_state, stale = error, [p.detach().clone() for p in learned], 0
+            else:
+                stale += 1
+            if stale >= PATIENCE or (beta is not None and all(r.settled() for r in roundings.values())):
                 break
         with torch.no_grad():
-            for rounding in roundings.values():
-                rounding.layer.layer.weight.copy_(rounding.hard())
-            for step in steps.values():
-                step.quantizer.scale.fill_(float(step.scale()))
-    after = _error(block, x_quant[aside], target[aside])
-    if after > before:
-        with torch.no_grad():
-            for layer, (weight, fixed) in saved.items():
-                layer.layer.weight.copy_(weight)
-                layer.weight_quantizer.fixed_scales = fixed
-            for key, q in quantizers.items():
-                q.scale.copy_(saved_scales[key])
-        log.info(f"Block '{name}': reconstruction did not lower its output error ({before:.4g} -> {after:.4g}); "
-                 f"it is kept as calibrated.", "Reconstruction")
+            if best_state is not None:
+                for parameter, value in zip(learned, best_state):
+                    parameter.copy_(value)
+                for rounding in roundings.values():
+                    rounding.layer.layer.weight.copy_(rounding.hard())
+                for step_size in steps.values():
+                    step_size.quantizer.scale.fill_(float(step_size.scale()))
+    if best_state is None:
+        for layer, scales in fixed.items():
+            layer.weight_quantizer.fixed_scales = scales
+        log.info(f"Block '{name}': reconstruction did not lower its output error on held-aside samples "
+                 f"({before:.4g}); it is kept as calibrated.", "Reconstruction")
         return before, before
-    return before, after
+    return before, best

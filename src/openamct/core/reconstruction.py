@@ -22,9 +22,10 @@ For each block:
 - the loss is the output's mean squared error in units of its value before reconstruction, plus AdaRound's
   regulariser (reg_param, beta annealed over beta_range after the warm_start share of the steps). Once every
   rounding has settled at 0 or 1 the remaining steps are skipped.
-The roundings are then made hard (the weights stay on their layers' grids, so the exported models are built as
-before) and the learned step sizes kept, unless the block's output error on held-aside calibration samples came out
-higher than before, in which case the block is left as calibration made it (and the log says so).
+The block does not learn on HELD_ASIDE of the calibration samples: the state kept is the one with the lowest
+output error on them, measured every CHECK_EVERY steps (block_learning.reconstruct_block), the block as calibration
+made it included (the log says so). Its roundings are made hard (the weights stay on their layers' grids, so the
+exported models are built as before) and its learned step sizes kept.
 """
 import contextlib
 
