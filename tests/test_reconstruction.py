@@ -123,8 +123,12 @@ def test_a_block_learns_only_on_samples_not_held_aside_and_is_kept_as_calibrated
     weights = {name: layer.layer.weight.clone() for name, layer in members.items()}
     scales = {name: layer.input_quantizer.scale.clone() for name, layer in members.items()}
     windows = block_learning.Windows(block, x, target)
+    assert windows.side is None  # the targets are no function of windows: learned on whole maps
+    picked, draw = [], windows.draw
+    windows.draw = lambda *args: picked.append(args[3]) or draw(*args)
     params = ReconstructionParams(num_iteration=100, batch_size=8)
     before, after = block_learning.reconstruct_block(block, members, floats, x, x, target, windows, params, "b")
+    assert len(picked) == 100 and int(torch.cat(picked).min()) >= block_learning.HELD_ASIDE
     assert after == before
     for name, layer in members.items():
         assert torch.equal(layer.layer.weight, weights[name]), name
