@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 from ..core import log
 from ..core.fileio import write_text
 from ..core.primitives import qrange
+from .parity import session
 from .qdq import _WEIGHT_QUANTIZED_BY_ORT, OPSET, layer_codes
 
 MARGIN, GAIN = 1.1, 0.05  # one form must be 10% and 0.05 ms faster than the other: timing noise must not decide
@@ -100,11 +101,7 @@ def _fastest(model: onnx.ModelProto, feed, threads: int) -> float:
     """The model's fastest run in ms: ROUNDS runs at least, more for a fast model, until it has run for SPAN
     seconds (other processes on the cores slow single runs down, never speed them up). `feed`: a dict of inputs,
     or a list of arrays in the graph's input order."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = session(model, threads)
     if not isinstance(feed, dict):
         feed = _feed(sess, feed)
     sess.run(None, feed)  # warm-up
