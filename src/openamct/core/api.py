@@ -113,8 +113,9 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
     sites = {name: output_site(info, info.bn_output[pairs[name]] if name in pairs else info.output_tensor[name])
              for name in enabled}
     shared = _max_pool_sharing(info, enabled, sites)
+    inputs = {name: shared.get(info.input_tensor[name], info.input_tensor[name]) for name in enabled}
     for name in enabled:
-        quantizer(shared.get(info.input_tensor[name], info.input_tensor[name]), name, info.input_bounds.get(name))
+        quantizer(inputs[name], name, info.input_bounds.get(name))
     for name in enabled:
         layer = qmodel.get_submodule(name)
         output, bounds, readers = sites[name]
@@ -122,8 +123,8 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
         # without a quantize after it ONNX Runtime runs the layer in float (DQ -> Conv -> float)
         wants_output = len(readers) > float_readers[output] and (output not in quantizers
                                                                  or output in shared.values())
-        wrapped = make_layer(layer, name, quantizers[shared.get(info.input_tensor[name], info.input_tensor[name])],
-                             weight_axis(layer), quantizer(output, name, bounds) if wants_output else None)
+        wrapped = make_layer(layer, name, quantizers[inputs[name]], weight_axis(layer),
+                             quantizer(output, name, bounds) if wants_output else None)
         set_module(qmodel, name, wrapped)
     parameter = next(model.parameters(), None)
     if parameter is not None:

@@ -232,10 +232,9 @@ def reconstruct_block(block: nn.Module, members: dict, floats: dict, x_float: to
     fixed = {layer: layer.weight_quantizer.fixed_scales for layer in members.values()}  # _SoftRounding fixes them
     roundings = {layer_name: _SoftRounding(layer, floats[layer_name][0]) for layer_name, layer in members.items()}
     steps = {key: _StepSize(q, params.drop_prob, masks) for key, q in quantizers.items()}
-    learned = [r.v for r in roundings.values()] + [s.log_scale for s in steps.values()]
-    parts = list(roundings.values()) + list(steps.values())
-    optimizer = torch.optim.Adam([{"params": [r.v for r in roundings.values()], "lr": ROUNDING_LR},
-                                  {"params": [s.log_scale for s in steps.values()], "lr": SCALE_LR}])
+    vs, log_scales = [r.v for r in roundings.values()], [s.log_scale for s in steps.values()]
+    learned, parts = vs + log_scales, list(roundings.values()) + list(steps.values())
+    optimizer = torch.optim.Adam([{"params": vs, "lr": ROUNDING_LR}, {"params": log_scales, "lr": SCALE_LR}])
     unit = max(before, 1e-30)
     best, best_state, stale = before, None, 0  # best_state None: the block as calibrated
     batch = min(params.batch_size, len(x_quant) - held)
