@@ -23,7 +23,7 @@ def integer_kernels():
 
     _REAL_TIMER.extend([fallback._time, fallback.whole_model_times])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fallback, "_time", lambda models, shape, threads: {"int8": 1.0, "float": 2.0})
+        patch.setattr(fallback, "_time", lambda models, shape, threads, model_input: {"int8": 1.0, "float": 2.0})
         # whole models: the first named the faster (where a test makes a layer slower on INT8, the deploy model
         # with it float; the deploy model against the float one)
         patch.setattr(fallback, "whole_model_times",

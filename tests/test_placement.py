@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,7 @@ def test_layer_slower_on_int8_is_deployed_float_and_reported(tmp_path, monkeypat
     float_fallback="never" keeps every layer on integers."""
     timed = []
 
-    def timer(models, shape, threads):
+    def timer(models, shape, threads, model_input):
         timed.append(shape)
         return {"int8": 2.0, "float": 1.0} if len(shape) == 5 else {"int8": 1.0, "float": 2.0}
 
@@ -117,9 +118,14 @@ def test_layer_slower_on_int8_is_deployed_float_and_reported(tmp_path, monkeypat
     report = openamct.export(qmodel, str(tmp_path / "video"), x)
     assert report["float_layers"] == {"0": "ONNX Runtime runs its INT8 kernel slower than float on input "
                                            "[2, 4, 4, 8, 8]: 2 ms against 1 ms; the deploy model runs 1 ms so, "
-                                           "against 2 ms with every such layer on integers"}
+                                           "against 2 ms"}
     assert all(result["ok"] for result in report["parity"].values()), report["parity"]
     assert [name for name, layer in quant_layers(qmodel).items() if layer.deploy_float] == ["0"]
+    # it reads the model input as it is and leaves its output unquantized: one QuantizeLinear, the next layer's
+    assert quant_layers(qmodel)["0"].float_input
+    deploy = onnx.load(report["paths"]["deploy"])
+    assert [n.op_type for n in deploy.graph.node if deploy.graph.input[0].name in n.input] == ["Conv"]
+    assert [n.name for n in deploy.graph.node if n.op_type == "QuantizeLinear"] == ["3.quant"]
     ops = optimized_ops(report["paths"]["deploy"], tmp_path)
     assert "QLinearConv" not in ops and ops.count("Conv") + ops.count("FusedConv") == 2, ops
     again = openamct.export(qmodel, str(tmp_path / "again"), x)
@@ -130,25 +136,36 @@ def test_layer_slower_on_int8_is_deployed_float_and_reported(tmp_path, monkeypat
 
 
 def test_layers_slower_alone_stay_on_integers_where_the_whole_model_is_faster_so(tmp_path, monkeypatch, log_lines):
-    """Every layer is timed slower on INT8 alone, but the whole deploy model runs faster with them on integers:
-    they stay on integers, and the coverage log says why."""
-    monkeypatch.setattr(fallback, "_time", lambda models, shape, threads: {"int8": 2.0, "float": 1.0})
+    """Every layer is timed slower on INT8 alone, but the whole deploy model runs faster with each on integers:
+    they are tried in turn on the whole model until PATIENCE in a row were no faster float, the rest not tried;
+    all stay on integers, and the coverage log says why."""
+    monkeypatch.setattr(fallback, "_time", lambda models, shape, threads, model_input: {"int8": 2.0, "float": 1.0})
     timed = []
 
     def whole(models, sample):
-        timed.append((set(models), [a.shape for a in sample]))
-        return {"with": 2.0, "without": 1.0, "float": 3.0}
+        timed.append((list(models), [a.shape for a in sample]))
+        return {name: {"with": 2.0, "without": 1.0, "deploy": 1.0, "float": 3.0}[name] for name in models}
 
     monkeypatch.setattr(fallback, "whole_model_times", whole)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    qmodel = calibrated(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval(), [x])
+    layers = [nn.Conv2d(3, 8, 3, padding=1)] + [nn.Conv2d(8, 8, 3, padding=1) for _ in range(fallback.PATIENCE + 1)]
+    qmodel = calibrated(nn.Sequential(*[m for conv in layers for m in (conv, nn.ReLU())][:-1]).eval(), [x])
+    names = [str(2 * i) for i in range(len(layers))]
     report = openamct.export(qmodel, str(tmp_path / "model"), x)
-    # the whole models timed once, the float one among them: the report's speed comes from the same runs
-    assert report["float_layers"] == {} and timed == [({"with", "without", "float"}, [(2, 3, 8, 8)])]
+    # PATIENCE layers tried on the whole model, then the deploy model timed with the float one
+    assert report["float_layers"] == {}
+    assert timed == [(["with", "without"], [(2, 3, 8, 8)])] * fallback.PATIENCE + [(["deploy", "float"],
+                                                                                     [(2, 3, 8, 8)])]
     assert report["speed"] == {"deploy_ms": 1.0, "float_ms": 3.0}
     assert not any(layer.deploy_float for layer in quant_layers(qmodel).values())
-    assert any("0, 2: kept on integers" in message for _, message in log_lines), log_lines
+    messages = [message for _, message in log_lines]
+    for name in names[:fallback.PATIENCE]:
+        assert any(f"{name}: kept on integers: its INT8 kernel is the slower alone, but the deploy model runs 1 ms"
+                   in message for message in messages), messages
+    for name in names[fallback.PATIENCE:]:
+        assert any(f"{name}: kept on integers: its INT8 kernel is the slower alone, by less than" in message
+                   for message in messages), messages
     assert optimized_ops(report["paths"]["deploy"], tmp_path).count("QLinearConv") >= 1
 
 

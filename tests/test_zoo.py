@@ -13,6 +13,7 @@ from test_export import optimized_ops
 
 import openamct as amct
 from openamct.app import cli
+from openamct.onnx_export import fallback
 from openamct.onnx_export.parity import session
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -66,6 +67,25 @@ def test_a_max_pool_shares_its_inputs_quantizer_and_runs_on_integers(tmp_path):
         assert result["ok"], (kind, result)
     ops = optimized_ops(report["paths"]["deploy"], tmp_path)
     assert "MaxPool" not in ops and any("MaxPool" in op for op in ops), ops
+
+
+def test_a_linear_on_more_than_two_dims_is_not_quantized_after_and_its_gelu_runs_fused(tmp_path, monkeypatch):
+    """ConvNeXt's MLP: Linear (on channels-last maps, so MatMul + Add in ONNX) -> GELU -> Linear. ONNX Runtime
+    runs such a Linear as MatMulIntegerToFloat, quantized after or not, so it gets no output quantizer: the GELU
+    then reads the float output and ORT fuses bias and GELU into one kernel, where a quantize between them left
+    five float ops and two dequantizations. The 2-D classifier Linear keeps its place in the rule (no reader but
+    the output here), and the simulation still matches the exported models."""
+    monkeypatch.setattr(fallback, "slower", lambda ms, than: False)  # every layer on integers, timing aside
+    _, qmodel, report = amct_flow(tmp_path, "convnext")
+    block = qmodel.features[2]
+    assert block.up.output_quantizer is None and block.down.output_quantizer is None
+    assert block.down.input_quantizer is not None  # the GELU's output is still quantized for the next Linear
+    for kind, result in report["parity"].items():
+        assert result["ok"], (kind, result)
+    ops = optimized_ops(report["paths"]["deploy"], tmp_path)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in ZOO["convnext"].build("tiny").modules()) - 1
+    assert ops.count("MatMulIntegerToFloat") == linears, ops
+    assert "Erf" not in ops, ops
 
 
 def test_runtime_padding_folds_and_its_convs_run_on_integers(tmp_path):

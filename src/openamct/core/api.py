@@ -120,9 +120,12 @@ def prepare(model: nn.Module, config: QuantConfig, input_data, *, info: ModelInf
         layer = qmodel.get_submodule(name)
         output, bounds, readers = sites[name]
         # the output is quantized where something other than a layer reads it (an add, hardswish, a pooling, ...):
-        # without a quantize after it ONNX Runtime runs the layer in float (DQ -> Conv -> float)
-        wants_output = len(readers) > float_readers[output] and (output not in quantizers
-                                                                 or output in shared.values())
+        # without a quantize after it ONNX Runtime runs the layer in float (DQ -> Conv -> float). Not after a
+        # Linear on more than two dims: exported as MatMul + Add (the bias), it runs as MatMulIntegerToFloat, on
+        # integers with a float output, whether quantized after or not; a quantize there only adds a pass, and
+        # splits the bias Add from what follows, which ONNX Runtime otherwise fuses (BiasGelu)
+        wants_output = len(readers) > float_readers[output] and name not in info.matmul_linears and \
+            (output not in quantizers or output in shared.values())
         wrapped = make_layer(layer, name, quantizers[inputs[name]], weight_axis(layer),
                              quantizer(output, name, bounds) if wants_output else None)
         set_module(qmodel, name, wrapped)

@@ -60,6 +60,7 @@ class ModelInfo:
     bn_output: dict = field(default_factory=dict)     # foldable bn name -> id of its output
     adds: set = field(default_factory=set)           # ids of tensors that an elementwise add consumes
     consumers: dict = field(default_factory=dict)    # tensor id -> [(function, output id, clip bounds or None)]
+    matmul_linears: set = field(default_factory=set)  # Linear layers called on inputs of more than two dims
 
 
 def clip_bounds(func, args, kwargs) -> tuple[float, float] | None:
@@ -132,9 +133,13 @@ def capture(model: nn.Module, input_data) -> ModelInfo:
     def pre_hook(name):
         def hook(module, args):
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            calls.setdefault(name, [id(x) if x is not None else None, None])
+            if name in calls:
+                return
+            calls[name] = [id(x) if x is not None else None, None]
             if isinstance(module, QUANTIZABLE) and x is not None and id(x) in recorder.bounds:
                 info.input_bounds.setdefault(name, recorder.bounds[id(x)])
+            if isinstance(module, nn.Linear) and x is not None and x.dim() > 2:
+                info.matmul_linears.add(name)
         return hook
 
     def mark_called(name):

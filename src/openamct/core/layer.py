@@ -74,7 +74,9 @@ class QuantLayer(nn.Module):
         self._generator = None
         self._weight_cache = None  # (weight's storage and version, its fake-quantized value)
         self.override = None  # replaces forward while block reconstruction runs (core/reconstruction.py)
-        self.deploy_float = False  # set by the export where the INT8 kernel is the slower (onnx_export/fallback.py)
+        # set by the export where the INT8 kernel is the slower (onnx_export/fallback.py): the layer runs in float,
+        # its output not quantized, and, with float_input, its input (a model input no INT8 layer reads) not either
+        self.deploy_float = self.float_input = False
         self.register_buffer("balance", None)  # DMQ factors s: the input is divided by them (balance_input)
 
     def __getattr__(self, name):
@@ -163,8 +165,8 @@ class QuantLayer(nn.Module):
                 self._observe(x, kernel.call if kernel else None)
             else:
                 y = functional_call(self.layer, weights, (xq,))
-        elif self.deploy_float:  # deployed with float weights, being faster so (onnx_export/fallback.py)
-            y = self.layer(self.input_quantizer(x))
+        elif self.deploy_float:  # deployed in float, being faster so (onnx_export/fallback.py)
+            return self.layer(x if self.float_input else self.input_quantizer(x))
         else:
             y = self._integer_forward(self.input_quantizer(x))
         if self.output_quantizer is None:

@@ -15,7 +15,7 @@ from ..core.fileio import write_bytes
 from . import fallback, parity
 from .fused import fused_model
 from .packed import write_nuq_weights
-from .qdq import build_quantized
+from .qdq import build_quantized, float_input_layers
 
 FALLBACKS = ("measure", "never")
 
@@ -24,9 +24,8 @@ def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallba
                  float_layers=()) -> tuple[dict, onnx.ModelProto, dict | None]:
     """(layer -> why the deploy model keeps it float, the deploy model, its speed (_speed)). Kept float:
     `float_layers` (forced by the user) and, with `float_fallback="measure"`, those whose INT8 kernel ONNX Runtime
-    runs slower than float (fallback.py), where the whole deploy model is then the faster too; "never": every
-    other quantized layer runs on integers. Logged in the coverage report. The whole models are timed once, the
-    float model among them, so the speed comes from the same runs that decided."""
+    runs slower than float (fallback.py) where the whole deploy model is then the faster too (fallback.choose);
+    "never": every other quantized layer runs on integers. Logged in the coverage report."""
     if float_fallback not in FALLBACKS:
         raise ValueError(f"float_fallback must be one of {FALLBACKS}, not {float_fallback!r}")
     unknown = sorted(set(float_layers) - set(mapping))
@@ -36,30 +35,30 @@ def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallba
     arrays = None if sample is None else [t.detach().cpu().numpy() for t in sample if isinstance(t, torch.Tensor)]
     measured = fallback.float_layers(fused, mapping, layer_records, arrays) if float_fallback == "measure" else {}
     measured = {name: why for name, why in measured.items() if name not in reasons}
-    times = None
     if measured and arrays:
-        candidates = {"with": reasons | measured, "without": reasons}
-        models = {key: build_quantized(fused, mapping, layer_records, True, floats)
-                  for key, floats in candidates.items()}
-        times = fallback.whole_model_times(models | {"float": fused}, arrays)
-        chosen = "with" if fallback.slower(times["without"], times["with"]) else "without"
-        if chosen == "without":
-            log.info(f"  {', '.join(measured)}: kept on integers: their INT8 kernels are the slower alone, but the "
-                     f"deploy model runs {times['without']:.3g} ms with them on integers against "
-                     f"{times['with']:.3g} ms with them float", "Coverage")
-            measured = {}
-        else:
-            measured = {name: f"{why}; the deploy model runs {times['with']:.3g} ms so, against "
-                              f"{times['without']:.3g} ms with every such layer on integers"
-                        for name, why in measured.items()}
-        deploy, times = models[chosen], {"deploy": times[chosen], "float": times["float"]}
+        decisions = fallback.choose(lambda names: build_quantized(fused, mapping, layer_records, True,
+                                                                  set(reasons) | set(names)),
+                                    list(measured), arrays)
+        for name, decision in decisions.items():
+            if decision is None:
+                log.info(f"  {name}: kept on integers: its INT8 kernel is the slower alone, by less than "
+                         f"{fallback.PATIENCE} layers before it that the whole deploy model did not run faster "
+                         f"float", "Coverage")
+                del measured[name]
+                continue
+            with_it, without = decision
+            if fallback.slower(without, with_it):
+                measured[name] += f"; the deploy model runs {with_it:.3g} ms so, against {without:.3g} ms"
+            else:
+                log.info(f"  {name}: kept on integers: its INT8 kernel is the slower alone, but the deploy model "
+                         f"runs {without:.3g} ms with it on integers against {with_it:.3g} ms with it float",
+                         "Coverage")
+                del measured[name]
     reasons.update(measured)
     for name, why in reasons.items():
         log.info(f"  {name}: deployed in float: {why}", "Coverage")
-    if times is None:
-        deploy = build_quantized(fused, mapping, layer_records, True, reasons)
-        if arrays:
-            times = fallback.whole_model_times({"deploy": deploy, "float": fused}, arrays)
+    deploy = build_quantized(fused, mapping, layer_records, True, reasons)
+    times = fallback.whole_model_times({"deploy": deploy, "float": fused}, arrays) if arrays else None
     return reasons, deploy, _speed(times, arrays)
 
 
@@ -100,8 +99,9 @@ def write_models(fused, mapping: dict, layer_records: dict, save_path: str, qmod
               "weight_bytes": write_nuq_weights(fused, mapping, layer_records, directory, stem, paths),
               "speed": speed}
     if qmodel is not None:
+        float_read = float_input_layers(fused, mapping, floats)
         for name, layer in quant_layers(qmodel).items():
-            layer.deploy_float = name in floats
+            layer.deploy_float, layer.float_input = name in floats, name in float_read
         report["parity"] = parity.check(models, mapping, qmodel, sample)
         for kind, result in report["parity"].items():
             message = f"Parity of {parity.describe(kind, result)}"

@@ -11,11 +11,15 @@ from ..core.layer import QuantLayer
 TOLERANCE = 5e-2
 
 
-def session(model, threads: int = 0) -> ort.InferenceSession:
+def session(model, threads: int = 0, spin: bool = True) -> ort.InferenceSession:
+    """A CPU session; `spin=False` stops its idle threads busy-waiting, which would slow another session run
+    between two of its runs."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

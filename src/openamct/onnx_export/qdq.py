@@ -133,19 +133,43 @@ def _input_channels(node: onnx.NodeProto, weight: np.ndarray) -> int:
     return weight.shape[0]
 
 
+def bias_add(node: onnx.NodeProto, readers: dict, inits: dict):
+    """(the Add node, the index of the bias among its inputs) where the exporter wrote a MatMul layer's bias as an
+    Add of a constant after it (a Linear on more than two dims), else None."""
+    if node.op_type != "MatMul" or len(readers[node.output[0]]) != 1:
+        return None
+    add = readers[node.output[0]][0]
+    index = next((i for i, name in enumerate(add.input) if name in inits), None)
+    return (add, index) if add.op_type == "Add" and index is not None else None
+
+
 def output_site(node: onnx.NodeProto, readers: dict, inits: dict) -> str:
     """The tensor a layer's output quantizer reads (core/capture.output_site): the layer's output (after the
     bias Add that the exporter writes after a MatMul), followed through the Relu/Clip nodes that are its only
     reader (`readers`: tensor -> the nodes that read it), which ONNX Runtime fuses into the integer kernel."""
     tensor = node.output[0]
-    bias = readers[tensor]
-    if node.op_type == "MatMul" and len(bias) == 1 and bias[0].op_type == "Add" and \
-            any(name in inits for name in bias[0].input):
+    bias = bias_add(node, readers, inits)
+    if bias is not None:
         tensor = bias[0].output[0]
     while len(readers[tensor]) == 1 and readers[tensor][0].op_type in ("Relu", "Clip") and \
             all(name in inits for name in readers[tensor][0].input[1:] if name):
         tensor = readers[tensor][0].output[0]
     return tensor
+
+
+def float_input_layers(fused: onnx.ModelProto, mapping: dict, float_layers) -> set:
+    """The layers of `float_layers` that read a model input which only such layers read: deployed in float, they
+    read it unquantized (QuantLayer.float_input), since no integer kernel needs it quantized."""
+    graph = fused.graph
+    inputs = {i.name for i in graph.input} - {i.name for i in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    float_nodes = {mapping[layer]["node"] for layer in float_layers}
+    readers = defaultdict(set)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].add(node.name)
+    return {layer for layer in float_layers if nodes[mapping[layer]["node"]].input[0] in inputs
+            and readers[nodes[mapping[layer]["node"]].input[0]] <= float_nodes}
 
 
 def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy: bool,
@@ -154,8 +178,10 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
 
     Each quantized tensor gets one quantize/dequantize chain and *all* its consumers read the dequantized value
     (as in the PyTorch simulation), so e.g. a residual add sees integers on both inputs. The layers in
-    `float_layers` keep float weights (fallback.py): their input and output stay quantized, so their neighbours
-    still run on integers.
+    `float_layers` run in float (fallback.py): their output is not quantized (what follows fuses with them, as in
+    the float model), their input is where another INT8 kernel writes or reads it, or where it comes from a
+    layer (so that layer stays on integers), and is not where only such float layers read a model input
+    (float_input_layers).
     """
     model = onnx.ModelProto()
     model.CopyFrom(fused)
@@ -174,6 +200,7 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
         new_inits.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
+    float_read = float_input_layers(fused, mapping, float_layers)
     for layer, entry in mapping.items():
         if layer not in records:
             continue
@@ -186,12 +213,13 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
                                                                             inverse.reshape(shape))],
                                                [f"{layer}.balanced"], name=f"{layer}.balance"))
             node.input[0] = f"{layer}.balanced"
-        tensors.setdefault(node.input[0], (f"{layer}.quant", rec.scale_d, rec.offset_d, entry["act_bits"]))
-        if rec.scale_o is not None:
+        if layer not in float_read:
+            tensors.setdefault(node.input[0], (f"{layer}.quant", rec.scale_d, rec.offset_d, entry["act_bits"]))
+        if rec.scale_o is not None and layer not in float_layers:
             tensors.setdefault(output_site(node, readers, inits),
                                (f"{layer}.quant_out", rec.scale_o, rec.offset_o, entry["act_bits"]))
         if layer in float_layers:
-            if deploy and node.op_type in _WEIGHT_QUANTIZED_BY_ORT:
+            if deploy and node.op_type in _WEIGHT_QUANTIZED_BY_ORT and layer not in float_read:
                 float_inputs.append((layer, node, node.input[0], _input_channels(node, weight)))
             continue
 
@@ -200,7 +228,9 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
         codes = layer_codes(entry, rec, weight)
         per_channel = scale_w.size > 1
         grid = (scale_d * scale_w).astype(np.float32)  # the accumulator's scale, as the simulation computes it
-        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        added_bias = bias_add(node, readers, inits)
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] in inits else \
+            added_bias[0].input[added_bias[1]] if added_bias else None
         bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32) if bias_name else None
         bias_codes = np.round(bias / grid) if bias_name else None
         if bias_name and np.abs(bias_codes).max() > 2 ** 31 - 1:
@@ -213,7 +243,10 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
             added_nodes.append(helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{layer}.weight_dq"],
                                                 name=f"{layer}.weight_dq", **axis))
             node.input[1] = f"{layer}.weight_dq"
-            if bias_name:
+            if added_bias:  # the bias as the simulation adds it: its INT32 codes on the grid, here in float
+                added_bias[0].input[added_bias[1]] = const(f"{layer}.bias_on_grid", (bias_codes * grid).astype(
+                    np.float32))
+            elif bias_name:
                 b = const(f"{layer}.bias_quant", bias_codes.astype(np.int32))
                 bs = const(f"{layer}.bias_scale", grid if per_channel else grid[0])
                 bz = const(f"{layer}.bias_zero_point", np.zeros(grid.shape, np.int32) if per_channel else np.int32(0))
@@ -225,7 +258,7 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
             # weights (ConvMulFusion), which takes the conv off the integers; a Div it leaves alone, so this model
             # reproduces the simulation bit for bit.
             node.input[1] = const(f"{layer}.weight_fakequant", codes.astype(np.float32))
-            if bias_name:
+            if bias_name and not added_bias:
                 node.input[2] = const(f"{layer}.bias_fakequant", bias_codes.astype(np.float32))
             rank = weight.ndim if node.op_type in ("Conv", "ConvTranspose") else 1
             shape = [1] * rank
@@ -233,6 +266,11 @@ def build_quantized(fused: onnx.ModelProto, mapping: dict, records: dict, deploy
                 shape[1 if rank > 1 else 0] = grid.size
             output = node.output[0]
             node.output[0] = f"{layer}.acc"
+            if added_bias:  # the bias codes join the accumulator before the scale, as in the simulation
+                add = added_bias[0]
+                output, add.output[0] = add.output[0], f"{layer}.acc"
+                node.output[0] = f"{layer}.product"
+                add.input[:] = [f"{layer}.product", const(f"{layer}.bias_fakequant", bias_codes.astype(np.float32))]
             inverse = (np.float32(1) / grid).astype(np.float32).reshape(shape)
             added_nodes.append(helper.make_node("Div", [f"{layer}.acc", const(f"{layer}.dequant", inverse)],
                                                 [output], name=f"{layer}.dequant"))
