@@ -41,9 +41,9 @@ def deploy_float(fused, mapping: dict, layer_records: dict, sample, float_fallba
                                     list(measured), arrays)
         for name, decision in decisions.items():
             if decision is None:
-                log.info(f"  {name}: kept on integers: its INT8 kernel is the slower alone, by less than "
-                         f"{fallback.PATIENCE} layers before it that the whole deploy model did not run faster "
-                         f"float", "Coverage")
+                log.info(f"  {name}: kept on integers, not tried on the whole deploy model: its INT8 kernel is "
+                         f"the slower alone, by less than those of the {fallback.PATIENCE} layers tried before it, "
+                         f"with which the model was no faster float", "Coverage")
                 del measured[name]
                 continue
             with_it, without = decision

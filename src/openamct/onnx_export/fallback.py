@@ -77,16 +77,12 @@ def _layer_models(node: onnx.NodeProto, entry: dict, rec, inits: dict, shape: tu
     for form in ("int8", "float"):
         consts = {"x.s": np.float32(rec.scale_d), "x.z": np.uint8(rec.offset_d - qmin),
                   "y.s": np.float32(scale_o), "y.z": np.uint8(offset_o - qmin)}
-        source = "x"
-        if model_input and form == "int8":
-            nodes = [helper.make_node("QuantizeLinear", ["x", "x.s", "x.z"], ["x.q"])]
-            source = "x.q"
-        else:
-            nodes = []
-        if model_input and form == "float":
-            layer_input = "x"
-        else:
-            nodes.append(helper.make_node("DequantizeLinear", [source, "x.s", "x.z"], ["x.dq"]))
+        nodes, layer_input = [], "x"
+        if not (model_input and form == "float"):
+            if model_input:  # the INT8 form quantizes the float model input itself
+                nodes.append(helper.make_node("QuantizeLinear", ["x", "x.s", "x.z"], ["x.q"]))
+            nodes.append(helper.make_node("DequantizeLinear", [nodes[-1].output[0] if nodes else "x", "x.s", "x.z"],
+                                          ["x.dq"]))
             layer_input = "x.dq"
             if form == "float" and node.op_type in _WEIGHT_QUANTIZED_BY_ORT:  # as build_quantized: stays float
                 consts.update({"x.s": np.full(shape[1], rec.scale_d, np.float32),

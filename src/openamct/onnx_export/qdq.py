@@ -135,11 +135,14 @@ def _input_channels(node: onnx.NodeProto, weight: np.ndarray) -> int:
 
 def bias_add(node: onnx.NodeProto, readers: dict, inits: dict):
     """(the Add node, the index of the bias among its inputs) where the exporter wrote a MatMul layer's bias as an
-    Add of a constant after it (a Linear on more than two dims), else None."""
-    if node.op_type != "MatMul" or len(readers[node.output[0]]) != 1:
+    Add of a constant after it (a Linear on more than two dims): a 1-D constant, one value per output feature
+    (a positional embedding added after a Linear is not 1-D), else None."""
+    if node.op_type != "MatMul" or len(readers[node.output[0]]) != 1 or node.input[1] not in inits:
         return None
     add = readers[node.output[0]][0]
-    index = next((i for i, name in enumerate(add.input) if name in inits), None)
+    features = inits[node.input[1]].dims[-1]
+    index = next((i for i, name in enumerate(add.input) if name in inits and list(inits[name].dims) == [features]),
+                 None)
     return (add, index) if add.op_type == "Add" and index is not None else None
 
 
