@@ -149,19 +149,11 @@ def run(args) -> int:
         calibration_skipped = sum(path in skipped for path in (str(p) for p, _ in calibration.samples))
         floats = float_parameters(quant_layers(prepare(model, final_config, input_data)))
     else:
-        loader = ImageLoader(calibration, args.batch_size, args.workers)
-        sample, seen = None, 0
-        with common.timed(timings, "calibration"), torch.no_grad():
-            for images, _ in tqdm(loader, total=len(loader), desc="calibrating", unit="batch", dynamic_ncols=True):
-                if sample is None:
-                    sample = images[:LAYER_ERROR_IMAGES]
-                qmodel(images.to(device))
-                seen += 1
-        skipped = list(loader.skipped)
+        with common.timed(timings, "calibration"):
+            sample, seen, skipped = _run_batches(calibration, qmodel, "calibrating", args, device)
         calibration_skipped = len(skipped)
         if not is_calibrated(qmodel):
-            raise common.UsageError(f"calibration got {seen} of {batch_num} batches ({len(skipped)} unreadable "
-                                    f"images skipped): add images or lower --batch-num")
+            raise _too_few("calibration", seen, batch_num, skipped)
 
     with common.timed(timings, "save_model"):
         qmodel.cpu()  # save_model checks parity on CPU tensors
@@ -335,15 +327,28 @@ def _balance(config_file, record_file, model, input_data, calibration, batch_num
     """AMCT's DMQ pre-pass (quantize_preprocess) over the calibration batches, where the .cfg balances layers: it
     writes the balance factors to the record that quantize_model then reads."""
     balancing = amct.quantize_preprocess(str(config_file), str(record_file), model, input_data)
-    loader = ImageLoader(calibration, args.batch_size, args.workers)
-    seen = 0
-    with torch.no_grad():
-        for images, _ in tqdm(loader, total=len(loader), desc="DMQ balancing", unit="batch", dynamic_ncols=True):
-            balancing(images.to(device))
-            seen += 1
+    _, seen, skipped = _run_batches(calibration, balancing, "DMQ balancing", args, device)
     if seen < batch_num:
-        raise common.UsageError(f"DMQ balancing got {seen} of {batch_num} batches ({len(loader.skipped)} unreadable "
-                                f"images skipped): add images or lower batch_num")
+        raise _too_few("DMQ balancing", seen, batch_num, skipped)
+
+
+def _run_batches(calibration, forward, desc: str, args, device) -> tuple:
+    """`forward` on each batch of the calibration images, with a progress bar: (the first batch's first
+    LAYER_ERROR_IMAGES images, the batches run, the unreadable images skipped)."""
+    loader = ImageLoader(calibration, args.batch_size, args.workers)
+    first, seen = None, 0
+    with torch.no_grad():
+        for images, _ in tqdm(loader, total=len(loader), desc=desc, unit="batch", dynamic_ncols=True):
+            if first is None:
+                first = images[:LAYER_ERROR_IMAGES]
+            forward(images.to(device))
+            seen += 1
+    return first, seen, list(loader.skipped)
+
+
+def _too_few(stage: str, seen: int, batch_num: int, skipped: list) -> common.UsageError:
+    return common.UsageError(f"{stage} got {seen} of {batch_num} batches ({len(skipped)} unreadable images "
+                             f"skipped): add images or lower --batch-num")
 
 
 def _check_calibration_images(dataset, batch_num, args) -> None:
